@@ -26,6 +26,7 @@ $(BIN)/.installed-test: $(BIN)/.installed envs/test.txt
 setup: $(BIN)/.installed
 
 setup-test: $(BIN)/.installed-test
+	$(BIN)/python tests/fetch_vocabs.py  # real vocabularies for tests/test_real_vocab.py (cached)
 
 run: setup
 	$(BIN)/snakemake --cores $(CORES)
