@@ -1,0 +1,41 @@
+"""Snakemake job: one model's tidy metrics, behaviour (its own answers) and detected stages."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected by the script directive)
+
+import os
+
+import polars as pl
+
+from stagelens.aggregate import behaviour_row, metrics_table, stages_table
+
+
+def write(table: pl.DataFrame, path: str) -> None:
+    tmp = path + ".tmp"
+    table.write_parquet(tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+params = snakemake.params
+rows = [pl.read_parquet(path) for path in snakemake.input.metrics]
+num_layers = {int(n) for frame in rows for n in frame["num_layers"].unique()}
+if len(num_layers) != 1:
+    raise ValueError(f"metrics files of model {params.model_name!r} disagree on num_layers: {sorted(num_layers)}")
+metrics = metrics_table(rows, num_layers.pop())
+num_layers = int(metrics["num_layers"][0])
+
+prompts = list(params.prompts)
+if len(prompts) != len(snakemake.input.answers):
+    raise ValueError(f"{len(prompts)} prompts but {len(snakemake.input.answers)} answers files")
+behaviour = pl.DataFrame(
+    [behaviour_row(pl.read_parquet(path), prompt) for prompt, path in zip(prompts, snakemake.input.answers)]
+).with_columns(pl.lit(params.model_name).alias("model"))
+behaviour = behaviour.select("model", pl.exclude("model"))
+
+stages = stages_table(metrics, num_layers, float(params.stages["min_drop"]), float(params.stages["alpha"]))
+print(stages.filter(pl.col("detected")).select("position", "stage", "start_layer", "end_layer"), file=sys.stderr)
+
+write(metrics, snakemake.output.metrics)
+write(behaviour, snakemake.output.behaviour)
+write(stages, snakemake.output.stages)

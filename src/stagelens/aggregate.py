@@ -1,0 +1,72 @@
+"""Per-model tables: tidy metrics, the model's own answers per prompt, and the detected stages."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import polars as pl
+
+from stagelens.stages import detect_stages, layer_reactions
+
+ANSWER_CLASSES = ("yes", "no", "1", "0")
+KEYS = ("model", "position", "layer", "prompt")
+
+
+def metrics_table(rows: Iterable[pl.DataFrame], num_layers: int) -> pl.DataFrame:
+    """Concatenate per-job metric rows, add depth = layer / num_layers, sort by the keys."""
+    table = pl.concat(list(rows), how="diagonal_relaxed")
+    duplicated = table.select(list(KEYS)).is_duplicated()
+    if duplicated.any():
+        raise ValueError(f"duplicate metrics rows for {table.filter(duplicated).select(list(KEYS)).head(3).rows()}")
+    return table.with_columns((pl.col("layer") / num_layers).alias("depth")).sort(list(KEYS))
+
+
+def behaviour_row(answers: pl.DataFrame, prompt: Mapping[str, str]) -> dict[str, object]:
+    """What the model itself answered to one prompt: shares of yes/no/1/0 and agreement.
+
+    Answers are case-folded ("Yes" counts as "yes"); agreement is the share equal to the
+    prompt's expected answer.
+    """
+    if "answer" not in answers.columns:
+        raise ValueError(f"answers of prompt {prompt['id']!r} lack the `answer` column")
+    folded = answers["answer"].str.to_lowercase()
+    n = len(answers)
+    row: dict[str, object] = {
+        "prompt": prompt["id"],
+        "family": prompt["family"],
+        "expected": prompt["expected"],
+        "n": n,
+    }
+    for word in ANSWER_CLASSES:
+        row[f"share_{word}"] = float((folded == word).mean()) if n else None
+    row["agreement"] = float((folded == prompt["expected"].lower()).mean()) if n else None
+    for word, columns in (("yes", ("p_yes", "p_Yes")), ("no", ("p_no", "p_No")), ("1", ("p_1",)), ("0", ("p_0",))):
+        present = [c for c in columns if c in answers.columns]
+        row[f"mean_p_{word}"] = float(answers.select(pl.sum_horizontal(present)).to_series().mean()) if present and n else None
+    return row
+
+
+def stages_table(metrics: pl.DataFrame, num_layers: int, min_drop: float, alpha: float) -> pl.DataFrame:
+    """Detected stages for every token position of one model's metrics table."""
+    frames = []
+    for (model, position), part in metrics.group_by("model", "position", maintain_order=True):
+        stages = detect_stages(layer_reactions(part, min_drop, alpha), num_layers)
+        frames.append(
+            stages.with_columns(
+                pl.lit(model).alias("model"), pl.lit(position).alias("position"),
+                pl.lit(num_layers).alias("num_layers"), pl.lit(min_drop).alias("min_drop"),
+                pl.lit(alpha).alias("alpha"),
+            )
+        )
+    return pl.concat(frames).select("model", "position", pl.exclude("model", "position"))
+
+
+def reactions_table(metrics: pl.DataFrame, min_drop: float, alpha: float) -> pl.DataFrame:
+    """Per-layer reactions of every token position (for figures and inspection)."""
+    frames = [
+        layer_reactions(part, min_drop, alpha).with_columns(
+            pl.lit(model).alias("model"), pl.lit(position).alias("position")
+        )
+        for (model, position), part in metrics.group_by("model", "position", maintain_order=True)
+    ]
+    return pl.concat(frames)

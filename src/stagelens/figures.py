@@ -1,0 +1,221 @@
+"""Altair charts of the per-model tables; data are aggregated in polars before plotting.
+
+Every chart is saved as PNG, SVG (rendered by vl-convert, no browser) and Vega-Lite JSON.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import altair as alt
+import polars as pl
+
+STAGE_COLORS = {
+    "visual_grounding": "#9ecae1",
+    "lexical_integration": "#a1d99b",
+    "semantic_reasoning": "#fdae6b",
+    "answer_decoding": "#bcbddc",
+}
+FAMILY_COLORS = {
+    "anchor": "#000000",
+    "lexical": "#2ca02c",
+    "negation": "#d62728",
+    "format": "#9467bd",
+    "control": "#7f7f7f",
+}
+ANSWER_COLORS = {"yes": "#1f77b4", "no": "#d62728", "1": "#aec7e8", "0": "#ff9896", "other": "#c7c7c7"}
+FORMATS = ("png", "svg", "vl.json")
+
+
+def _series(table: pl.DataFrame) -> pl.DataFrame:
+    """Add `series` = "prompt (family)" and an order that puts the anchor first, then by family."""
+    families = list(FAMILY_COLORS)
+    return table.with_columns(
+        (pl.col("prompt") + " (" + pl.col("family") + ")").alias("series"),
+        pl.col("family")
+        .map_elements(lambda f: families.index(f) if f in families else len(families), return_dtype=pl.Int64)
+        .alias("family_rank"),
+    )
+
+
+def _series_order(table: pl.DataFrame) -> list[str]:
+    return table.select("family_rank", "series").unique().sort("family_rank", "series")["series"].to_list()
+
+
+def _series_colors(table: pl.DataFrame) -> alt.Scale:
+    """Colour each prompt by its family; several prompts of one family get lighter/darker shades."""
+    pairs = table.select("family_rank", "series", "family").unique().sort("family_rank", "series")
+    palette = ["#1f77b4", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    seen: dict[str, int] = {}
+    colors = []
+    for series, family in zip(pairs["series"], pairs["family"]):
+        k = seen.get(family, 0)
+        seen[family] = k + 1
+        base = FAMILY_COLORS.get(family, palette[len(seen) % len(palette)])
+        colors.append(base if k == 0 else _shade(base, k))
+    return alt.Scale(domain=pairs["series"].to_list(), range=colors)
+
+
+def _shade(hex_color: str, k: int) -> str:
+    """A lighter variant of a colour for the k-th extra prompt of a family."""
+    rgb = [int(hex_color[i : i + 2], 16) for i in (1, 3, 5)]
+    mix = min(0.25 * k, 0.75)
+    return "#" + "".join(f"{round(c + (255 - c) * mix):02x}" for c in rgb)
+
+
+def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
+    """Probe accuracy vs layer per prompt with bootstrap CI bands, control probe and chance."""
+    data = _series(metrics).select(
+        "position", "layer", "prompt", "family", "series", "family_rank", "accuracy",
+        "accuracy_ci_low", "accuracy_ci_high", "control_accuracy", "chance", "n",
+    )
+    control = (
+        data.filter(pl.col("family") == "anchor")
+        .select("position", "layer", pl.col("control_accuracy").alias("accuracy"))
+        .with_columns(pl.lit("shuffled-label control").alias("series"))
+    )
+    chance = data.group_by("position").agg(pl.col("chance").mean())
+    color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(data), sort=_series_order(data))
+    x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1))
+    y_scale = alt.Scale(domain=[0, 1])
+    band = alt.Chart().mark_area(opacity=0.12).encode(
+        x=x, y=alt.Y("accuracy_ci_low:Q", scale=y_scale), y2="accuracy_ci_high:Q", color=color
+    )
+    lines = alt.Chart().mark_line(point=alt.OverlayMarkDef(size=18)).encode(
+        x=x,
+        y=alt.Y("accuracy:Q", title="probe accuracy (test)", scale=y_scale),
+        color=color,
+        tooltip=["series", "layer", alt.Tooltip("accuracy:Q", format=".3f"),
+                 alt.Tooltip("accuracy_ci_low:Q", format=".3f"), alt.Tooltip("accuracy_ci_high:Q", format=".3f"), "n"],
+    )
+    control_line = alt.Chart(control).mark_line(color="#7f7f7f", strokeDash=[5, 3]).encode(x=x, y="accuracy:Q")
+    chance_rule = alt.Chart(chance).mark_rule(color="#7f7f7f", strokeDash=[1, 3]).encode(y="chance:Q")
+    return (
+        alt.layer(band, lines, control_line, chance_rule, data=data)
+        .properties(width=320, height=240)
+        .facet(column=alt.Column("position:N", title="token position"), data=data)
+        .properties(title=alt.Title(title, subtitle="bands: bootstrap CI; dashed grey: shuffled-label control probe; dotted: chance"))
+    )
+
+
+def drop_heatmap(metrics: pl.DataFrame, title: str, alpha: float, min_drop: float) -> alt.Chart:
+    """Layer x prompt heatmap of the paired accuracy drop against the anchor; * = significant."""
+    data = _series(metrics.filter(pl.col("family") != "anchor")).with_columns(
+        ((pl.col("drop_p") < alpha) & (pl.col("drop") >= min_drop)).alias("significant")
+    ).select("position", "layer", "series", "family_rank", "drop", "drop_ci_low", "drop_ci_high", "drop_p", "significant")
+    limit = max(0.05, float(data["drop"].abs().max() or 0.0))
+    base = alt.Chart().encode(
+        x=alt.X("layer:O", title="layer"),
+        y=alt.Y("series:N", title=None, sort=_series_order(data)),
+    )
+    cells = base.mark_rect().encode(
+        color=alt.Color("drop:Q", title="accuracy drop vs anchor",
+                        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit])),
+        tooltip=["series", "layer", alt.Tooltip("drop:Q", format=".3f"), alt.Tooltip("drop_ci_low:Q", format=".3f"),
+                 alt.Tooltip("drop_ci_high:Q", format=".3f"), alt.Tooltip("drop_p:Q", format=".2g")],
+    )
+    marks = base.mark_text(fontSize=11).encode(text=alt.Text("star:N")).transform_filter(
+        alt.datum.significant
+    ).transform_calculate(star="'*'")
+    return (
+        alt.layer(cells, marks, data=data)
+        .properties(width=alt.Step(16), height=alt.Step(22))
+        .facet(row=alt.Row("position:N", title="token position"), data=data)
+        .properties(title=alt.Title(title, subtitle=f"red: variant lowers accuracy; *: p < {alpha:g} and drop >= {min_drop:g}"))
+    )
+
+
+def answers_chart(behaviour: pl.DataFrame, title: str) -> alt.Chart:
+    """Share of the model's own answers per prompt (case-folded), with agreement with the expected answer."""
+    wide = _series(behaviour)
+    long = wide.unpivot(
+        index=["series", "family_rank", "expected", "agreement"],
+        on=["share_yes", "share_no", "share_1", "share_0"],
+        variable_name="answer",
+        value_name="share",
+    ).with_columns(pl.col("answer").str.replace("share_", ""))
+    other = wide.select(
+        "series", "family_rank", "expected", "agreement",
+        (1.0 - pl.sum_horizontal("share_yes", "share_no", "share_1", "share_0")).clip(lower_bound=0.0).alias("share"),
+    ).with_columns(pl.lit("other").alias("answer"))
+    long = pl.concat([long, other.select(long.columns)]).with_columns(
+        pl.col("answer").map_elements(list(ANSWER_COLORS).index, return_dtype=pl.Int64).alias("answer_rank")
+    )
+    order = _series_order(wide)
+    y = alt.Y("series:N", title=None, sort=order)
+    bars = alt.Chart(long).mark_bar().encode(
+        x=alt.X("share:Q", title="share of answers", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+        y=y,
+        color=alt.Color("answer:N", title="answer", scale=alt.Scale(domain=list(ANSWER_COLORS), range=list(ANSWER_COLORS.values()))),
+        order=alt.Order("answer_rank:Q"),
+        tooltip=["series", "answer", alt.Tooltip("share:Q", format=".1%")],
+    )
+    agreement = wide.select("series", "expected", "agreement").with_columns(
+        ("expects " + pl.col("expected") + ": " + (pl.col("agreement") * 100).round(0).cast(pl.Int64).cast(pl.String) + "% agree").alias("label")
+    )
+    text = alt.Chart(agreement).mark_text(align="left", dx=6, fontSize=11).encode(
+        y=y, x=alt.value(320), text="label:N"
+    )
+    return alt.layer(bars, text).properties(width=320, height=alt.Step(24), title=alt.Title(
+        title, subtitle="the model's own next-token answer per test image (case-folded)"))
+
+
+def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> alt.VConcatChart:
+    """Drop vs normalised depth per model (one row each), the detected stages shaded behind."""
+    rows = []
+    for model in metrics["model"].unique(maintain_order=True).sort().to_list():
+        part = _series(metrics.filter((pl.col("model") == model) & (pl.col("position") == position)
+                                       & (pl.col("family") != "anchor")))
+        if part.is_empty():
+            continue
+        num_layers = int(part["num_layers"][0])
+        bands = stages.filter((pl.col("model") == model) & (pl.col("position") == position) & pl.col("detected")).select(
+            "stage", "start_layer", "end_layer",
+            ((pl.col("start_layer") - 0.5) / num_layers).clip(0.0, 1.0).alias("x0"),
+            ((pl.col("end_layer") + 0.5) / num_layers).clip(0.0, 1.0).alias("x1"),
+        )
+        shade = alt.Chart(bands).mark_rect(opacity=0.45).encode(
+            x=alt.X("x0:Q", title="normalised depth (layer / L)", scale=alt.Scale(domain=[0, 1])),
+            x2="x1:Q",
+            fill=alt.Fill("stage:N", title="detected stage", sort=list(STAGE_COLORS),
+                          scale=alt.Scale(domain=list(STAGE_COLORS), range=list(STAGE_COLORS.values()))),
+            tooltip=["stage", "start_layer", "end_layer"],
+        )
+        lines = alt.Chart(part.select("depth", "layer", "series", "family", "drop")).mark_line(
+            point=alt.OverlayMarkDef(size=14)
+        ).encode(
+            x=alt.X("depth:Q", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("drop:Q", title="accuracy drop vs anchor"),
+            color=alt.Color("series:N", title="prompt (family)", scale=_series_colors(part), sort=_series_order(part)),
+            tooltip=["series", "layer", alt.Tooltip("depth:Q", format=".2f"), alt.Tooltip("drop:Q", format=".3f")],
+        )
+        zero = alt.Chart(pl.DataFrame({"y": [0.0]})).mark_rule(color="#555555").encode(y="y:Q")
+        rows.append(alt.layer(shade, zero, lines).properties(
+            width=460, height=150, title=f"{model} (L = {num_layers}, position {position})"))
+    if not rows:
+        raise ValueError(f"no metrics rows for position {position!r}")
+    return alt.vconcat(*rows).resolve_scale(color="independent").properties(
+        title=alt.Title("Accuracy drop against the anchor across models",
+                        subtitle="shaded: detected stages; x: layer / number of decoder blocks")
+    )
+
+
+def save_chart(chart: alt.TopLevelMixin, stem: str | os.PathLike, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write `<stem>.png`, `.svg` and `.vl.json` atomically (tmp + os.replace)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        target = stem.with_name(f"{stem.name}.{fmt}")
+        tmp = stem.with_name(f".{stem.name}.tmp.{fmt}")
+        if fmt == "vl.json":
+            tmp.write_text(chart.to_json(indent=2) + "\n")
+        elif fmt == "png":
+            chart.save(str(tmp), format="png", scale_factor=2)
+        else:
+            chart.save(str(tmp), format=fmt)
+        os.replace(tmp, target)
+        written.append(target)
+    return written

@@ -1,0 +1,162 @@
+"""Evaluation figures of a frozen probe on one prompt: accuracy, CIs, paired drop, shift correction.
+
+numpy only: an evaluation job imports this, and a paper run has about a thousand of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stagelens.probe import Probe
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Share of correct predictions."""
+    return float(np.mean(y_true == y_pred))
+
+
+def topk_accuracy(y_true: np.ndarray, logits: np.ndarray, classes: np.ndarray, k: int) -> float:
+    """Share of samples whose label is among the k highest-scoring classes (ties: lowest index)."""
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return float(np.mean(np.any(classes[top] == y_true[:, None], axis=1)))
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Unweighted mean F1 over the labels present in y_true or y_pred (scikit-learn's convention)."""
+    labels = np.union1d(y_true, y_pred)
+    scores = []
+    for label in labels:
+        tp = np.sum((y_pred == label) & (y_true == label))
+        predicted = np.sum(y_pred == label)
+        actual = np.sum(y_true == label)
+        scores.append(0.0 if tp == 0 else 2 * tp / (predicted + actual))
+    return float(np.mean(scores))
+
+
+def bootstrap_indices(n: int, n_bootstrap: int, seed: int) -> np.ndarray:
+    """(n_bootstrap, n) resampling indices; the same seed gives the same resamples."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
+
+
+def bootstrap_ci(values: np.ndarray, indices: np.ndarray, ci: float) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of per-sample values (e.g. 0/1 correctness)."""
+    means = values[indices].mean(axis=1)
+    tail = (1.0 - ci) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def mcnemar_exact_p(anchor_correct: np.ndarray, variant_correct: np.ndarray) -> float:
+    """Two-sided exact McNemar test: binomial test of the discordant pairs against 1/2."""
+    b = int(np.sum(anchor_correct & ~variant_correct))
+    c = int(np.sum(~anchor_correct & variant_correct))
+    n = b + c
+    if n == 0:
+        return 1.0
+    from math import comb
+
+    # Exact integer arithmetic: 2**n overflows floats for n > 1023.
+    tail = sum(comb(n, i) for i in range(min(b, c) + 1))
+    return float(min(1.0, 2 * tail / 2**n))
+
+
+def shift_corrected_predictions(
+    probe: Probe, variant: np.ndarray, anchor: np.ndarray, seed: int
+) -> np.ndarray:
+    """Predictions after removing the variant-minus-anchor mean offset, two-fold cross-fitted.
+
+    The images are split at random (seeded) into two halves; each half is scored with the
+    offset estimated on the other half, so no image's own features enter its correction.
+    No labels are used.
+    """
+    if variant.shape != anchor.shape:
+        raise ValueError(f"variant features {variant.shape} and anchor features {anchor.shape} differ")
+    n = len(variant)
+    order = np.random.default_rng(seed).permutation(n)
+    folds = (order[: n // 2], order[n // 2 :])
+    predictions = np.empty(n, dtype=probe.classes.dtype)
+    for scored, other in (folds, folds[::-1]):
+        if len(other) == 0:  # a single image: nothing to estimate an offset from
+            offset = np.zeros(variant.shape[1], dtype=np.float32)
+        else:
+            offset = variant[other].mean(axis=0, dtype=np.float64) - anchor[other].mean(axis=0, dtype=np.float64)
+        predictions[scored] = probe.predict(variant[scored] - offset.astype(np.float32))
+    return predictions
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Knobs of one evaluation; part of every metrics row's provenance."""
+
+    n_bootstrap: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+    top_k: int = 5
+
+
+def align_to(ids: np.ndarray, reference_ids: np.ndarray) -> np.ndarray:
+    """Indices that reorder `ids` into the order of `reference_ids` (same sample sets required)."""
+    if len(ids) != len(reference_ids) or len(np.unique(ids)) != len(ids):
+        raise ValueError(
+            f"cannot pair samples: {len(ids)} variant ids vs {len(reference_ids)} anchor ids (or duplicates)"
+        )
+    order = np.argsort(ids)
+    positions = np.searchsorted(ids[order], reference_ids)
+    positions = np.clip(positions, 0, len(ids) - 1)
+    index = order[positions]
+    if not np.array_equal(ids[index], reference_ids):
+        missing = sorted(set(reference_ids.tolist()) - set(ids.tolist()))[:5]
+        raise ValueError(f"variant and anchor hold different samples, e.g. {missing}")
+    return index
+
+
+def evaluate_probe(
+    probe: Probe,
+    control: Probe,
+    labels: np.ndarray,
+    variant: np.ndarray,
+    anchor: np.ndarray,
+    settings: EvalSettings,
+) -> dict[str, float | int]:
+    """All metrics of one probe on one prompt; variant and anchor rows are the same images in order.
+
+    The drop is anchor accuracy minus variant accuracy on the same images (positive = the
+    variant hurts); its CI resamples images jointly, its p-value is the exact McNemar test.
+    """
+    if not (len(labels) == len(variant) == len(anchor)):
+        raise ValueError(f"labels {len(labels)}, variant {len(variant)}, anchor {len(anchor)} rows differ")
+    logits = probe.logits(variant)
+    predicted = probe.classes[np.argmax(logits, axis=1)]
+    correct = predicted == labels
+    anchor_correct = probe.predict(anchor) == labels
+    shifted_correct = shift_corrected_predictions(probe, variant, anchor, settings.seed) == labels
+    control_accuracy = accuracy(labels, control.predict(variant))
+    indices = bootstrap_indices(len(labels), settings.n_bootstrap, settings.seed)
+    diff = anchor_correct.astype(np.float64) - correct.astype(np.float64)
+    acc = float(correct.mean())
+    acc_low, acc_high = bootstrap_ci(correct.astype(np.float64), indices, settings.ci)
+    drop_low, drop_high = bootstrap_ci(diff, indices, settings.ci)
+    n_classes = len(probe.classes)
+    return {
+        "n": int(len(labels)),
+        "n_classes": int(n_classes),
+        "chance": 1.0 / n_classes,
+        "accuracy": acc,
+        "accuracy_ci_low": acc_low,
+        "accuracy_ci_high": acc_high,
+        "top_k": int(min(settings.top_k, n_classes)),
+        "topk_accuracy": topk_accuracy(labels, logits, probe.classes, settings.top_k),
+        "macro_f1": macro_f1(labels, predicted),
+        "anchor_accuracy": float(anchor_correct.mean()),
+        "drop": float(diff.mean()),
+        "drop_ci_low": drop_low,
+        "drop_ci_high": drop_high,
+        "drop_p": mcnemar_exact_p(anchor_correct, correct),
+        "shift_corrected_accuracy": float(shifted_correct.mean()),
+        "shift_corrected_drop": float(anchor_correct.mean() - shifted_correct.mean()),
+        "control_accuracy": control_accuracy,
+        "selectivity": acc - control_accuracy,
+    }
