@@ -1,0 +1,288 @@
+"""The embedded default MLLM: EfficientNet-Lite0 patches -> MLP projector -> SmolLM2-135M-Instruct.
+
+LLaVA-style: the 49 patch vectors of a 224x224 image are projected into the LM's embedding space
+and replace 49 `<image>` placeholder tokens at the start of the user turn of SmolLM2's own chat
+template. Checkpoint directory (model_type "stagelens-embedded"):
+
+    config.json              this model's config: preprocessing, image token, provenance, training
+    lm/                      SmolLM2 LlamaForCausalLM, safetensors (fp32, dequantised from Q4_1)
+    tokenizer/               SmolLM2 tokenizer + chat template, with `<image>` added
+    vision.safetensors       EfficientNet-Lite0 ImageNet weights
+    projector.safetensors    the projector, trained by stagelens (scripts/train_projector.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stagelens.models.base import ANSWER_WORDS, BatchVectors, ModelInfo
+from stagelens.models.efficientnet_vision import (
+    FEATURE_DIM,
+    GRID,
+    IMAGE_MEAN,
+    IMAGE_SIZE,
+    IMAGE_STD,
+    PatchEncoder,
+    preprocess,
+)
+from stagelens.models.layers import LayerCapture, find_decoder_layers, last_token_index
+
+MODEL_TYPE = "stagelens-embedded"
+ARCHITECTURE = "StagelensEmbeddedForCausalLM"
+IMAGE_TOKEN = "<image>"
+CONFIG_FILE = "config.json"
+LM_DIR = "lm"
+TOKENIZER_DIR = "tokenizer"
+VISION_FILE = "vision.safetensors"
+PROJECTOR_FILE = "projector.safetensors"
+
+
+@dataclass
+class EmbeddedConfig:
+    """Everything needed to rebuild the model around its weight files, plus provenance."""
+
+    lm_hidden_size: int
+    num_layers: int
+    image_token_id: int
+    projector_hidden_size: int = 1024
+    vision_feature_dim: int = FEATURE_DIM
+    n_image_tokens: int = GRID * GRID
+    image_size: int = IMAGE_SIZE
+    image_mean: tuple[float, ...] = IMAGE_MEAN
+    image_std: tuple[float, ...] = IMAGE_STD
+    image_token: str = IMAGE_TOKEN
+    model_type: str = MODEL_TYPE
+    architecture: str = ARCHITECTURE
+    provenance: dict[str, object] = field(default_factory=dict)
+    training: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, path: Path) -> "EmbeddedConfig":
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{path}: model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}")
+        for key in ("image_mean", "image_std"):
+            raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+class Projector(nn.Module):
+    """Two-layer MLP from vision features to LM input embeddings (LLaVA-1.5's projector shape)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(features)))
+
+
+def add_image_token(tokenizer) -> int:
+    """Add `<image>` as a special token; its id lies past the LM vocabulary and is never embedded."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+
+
+def user_content(question: str, n_image_tokens: int) -> str:
+    """User message: the image placeholders first, then the question on its own line."""
+    return IMAGE_TOKEN * n_image_tokens + "\n" + question
+
+
+class EmbeddedMLLM(nn.Module):
+    """Vision encoder + projector + causal LM; the LM sees projected patches at `<image>` positions."""
+
+    def __init__(self, config: EmbeddedConfig, vision: PatchEncoder, projector: Projector, lm, tokenizer) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.projector = projector
+        self.lm = lm
+        self.tokenizer = tokenizer
+
+    def render_prompt(self, question: str) -> str:
+        messages = [{"role": "user", "content": user_content(question, self.config.n_image_tokens)}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        cfg = self.config
+        return preprocess(images, cfg.image_size, cfg.image_mean, cfg.image_std)
+
+    def image_embeddings(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """(B, 49, 1280) patch features -> (B, 49, D) LM input vectors."""
+        return self.projector(vision_features)
+
+    def merge(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with every `<image>` position replaced by the image's projected patches."""
+        is_image = input_ids == self.config.image_token_id
+        counts = is_image.sum(dim=1)
+        if not bool((counts == image_embeds.shape[1]).all()):
+            raise ValueError(
+                f"each sequence needs {image_embeds.shape[1]} {IMAGE_TOKEN} tokens, got {counts.tolist()}"
+            )
+        embed = self.lm.get_input_embeddings()
+        safe_ids = input_ids.masked_fill(is_image, 0)  # the placeholder id is outside the LM vocab
+        embeds = embed(safe_ids)
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def inputs_embeds(self, input_ids: torch.Tensor, images: Sequence[Image.Image]) -> torch.Tensor:
+        device = input_ids.device
+        pixels = self.pixel_values(images).to(device=device, dtype=self.projector.fc1.weight.dtype)
+        return self.merge(input_ids, self.image_embeddings(self.vision(pixels)))
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        """Write the checkpoint directory (layout in the module docstring)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(out_dir / LM_DIR, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
+        save_file(_contiguous(self.vision.net.state_dict()), out_dir / VISION_FILE)
+        save_file(_contiguous(self.projector.state_dict()), out_dir / PROJECTOR_FILE)
+        tmp = out_dir / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self.config), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out_dir / CONFIG_FILE)
+
+    @classmethod
+    def from_pretrained(cls, path: Path, dtype: torch.dtype = torch.float32) -> "EmbeddedMLLM":
+        """Load a checkpoint directory written by `save_pretrained`; fails on any missing weight."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        config = EmbeddedConfig.from_json(path / CONFIG_FILE)
+        tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_token_id != config.image_token_id:
+            raise ValueError(f"{path / TOKENIZER_DIR}: {IMAGE_TOKEN} is id {image_token_id}, config says {config.image_token_id}")
+        lm, info = AutoModelForCausalLM.from_pretrained(path / LM_DIR, dtype=dtype, output_loading_info=True)
+        if info["missing_keys"]:
+            raise ValueError(f"{path / LM_DIR}: missing weights {sorted(info['missing_keys'])}")
+        vision = PatchEncoder()
+        vision.net.load_state_dict(load_file(path / VISION_FILE), strict=True)
+        projector = Projector(config.vision_feature_dim, config.projector_hidden_size, config.lm_hidden_size)
+        projector.load_state_dict(load_file(path / PROJECTOR_FILE), strict=True)
+        model = cls(config, vision, projector, lm, tokenizer).to(dtype)
+        return model.eval()
+
+
+def assemble(
+    lm,
+    tokenizer,
+    vision_state: dict[str, torch.Tensor],
+    projector_hidden_size: int = 1024,
+    seed: int = 0,
+    provenance: dict[str, object] | None = None,
+) -> EmbeddedMLLM:
+    """A new model from a causal LM + its tokenizer and vision weights, with a seeded fresh projector."""
+    image_token_id = add_image_token(tokenizer)
+    if image_token_id < lm.get_input_embeddings().num_embeddings:
+        raise ValueError(f"{IMAGE_TOKEN} got id {image_token_id}, inside the LM vocabulary: it would be embedded")
+    config = EmbeddedConfig(
+        lm_hidden_size=lm.config.hidden_size,
+        num_layers=lm.config.num_hidden_layers,
+        image_token_id=image_token_id,
+        projector_hidden_size=projector_hidden_size,
+        provenance=dict(provenance or {}),
+    )
+    vision = PatchEncoder()
+    vision.net.load_state_dict(vision_state, strict=True)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    projector = Projector(config.vision_feature_dim, projector_hidden_size, config.lm_hidden_size)
+    torch.random.set_rng_state(generator_state)
+    return EmbeddedMLLM(config, vision, projector, lm, tokenizer).eval()
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().contiguous() for name, tensor in state.items()}
+
+
+def answer_token_ids(tokenizer) -> list[list[int]]:
+    """Per answer word, the first token of `word` and of ` word` (skipped when the space is its own token)."""
+    ids: list[list[int]] = []
+    for word in ANSWER_WORDS:
+        variants = {tokenizer.encode(word, add_special_tokens=False)[0]}
+        spaced = tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(spaced) == 1:
+            variants.add(spaced[0])
+        ids.append(sorted(variants))
+    return ids
+
+
+class EmbeddedAdapter:
+    """`ModelAdapter` for the embedded model: one forward pass, per-layer vectors kept by hooks."""
+
+    def __init__(self, model: EmbeddedMLLM, info: ModelInfo) -> None:
+        self.model = model
+        self.info = info
+        self._answer_ids = answer_token_ids(model.tokenizer)
+        self._blocks = find_decoder_layers(model.lm)
+
+    def render_prompt(self, question: str) -> str:
+        return self.model.render_prompt(question)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        images: Sequence[Image.Image],
+        question: str,
+        layers: Sequence[int],
+        positions: Sequence[str],
+    ) -> BatchVectors:
+        model = self.model
+        device = next(model.parameters()).device
+        capture = LayerCapture(self._blocks, layers, positions)
+        # Every sample has the same question and a fixed number of image tokens: no padding.
+        ids = model.tokenizer(self.render_prompt(question), add_special_tokens=False, return_tensors="pt")
+        input_ids = ids["input_ids"].to(device).repeat(len(images), 1)
+        attention_mask = torch.ones_like(input_ids)
+        image_mask = input_ids == model.config.image_token_id
+        capture.set_batch(last_token_index(attention_mask), image_mask)
+        with capture.attached():
+            inputs_embeds = model.inputs_embeds(input_ids, images)
+            out = model.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        probs = out.logits[:, -1, :].float().softmax(dim=-1).cpu()
+        answer_probs = torch.stack([probs[:, ids].sum(dim=1) for ids in self._answer_ids], dim=1)
+        return BatchVectors(
+            vectors=capture.vectors(),
+            answer_probs=answer_probs.numpy(),
+            n_image_tokens=image_mask.sum(dim=1).cpu().numpy(),
+        )
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_embedded_adapter(model_cfg: dict, model_path: str) -> EmbeddedAdapter:
+    """Loader registered for model_type "stagelens-embedded" (model_cfg: the config's model entry)."""
+    dtype_name = model_cfg.get("dtype", "float32")
+    dtype = getattr(torch, dtype_name)
+    device = resolve_device(model_cfg.get("device", "auto"))
+    model = EmbeddedMLLM.from_pretrained(Path(model_path), dtype=dtype).to(device)
+    info = ModelInfo(
+        model_id=str(model_path),
+        revision=str(model_cfg.get("revision") or "local"),
+        architecture=ARCHITECTURE,
+        dtype=dtype_name,
+        device=device,
+        num_layers=model.config.num_layers,
+        hidden_size=model.config.lm_hidden_size,
+    )
+    return EmbeddedAdapter(model, info)

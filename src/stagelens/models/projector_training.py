@@ -1,0 +1,148 @@
+"""Train the embedded model's projector by captioning: LM and vision frozen, only the MLP learns.
+
+Each training image is paired with a caption instruction and the target answer "This is a
+picture of a <class name>." rendered with the LM's chat template; the loss is next-token
+cross-entropy on the answer tokens only. Vision features are computed once, up front.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from stagelens.models.embedded import EmbeddedMLLM
+
+# Instructions the caption follows; none of them is one of the probing prompts of config.yaml.
+CAPTION_INSTRUCTIONS = (
+    "What is in this image?",
+    "Describe the image in a few words.",
+    "What does this picture show?",
+    "What kind of object is this?",
+)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Hyper-parameters of the projector recipe (recorded in the checkpoint)."""
+
+    steps: int = 120
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    seed: int = 0
+
+
+def caption_text(class_name: str) -> str:
+    """Target answer for one class, e.g. "This is a picture of an ankle boot."."""
+    name = class_name.replace("/", " or ")
+    name = name if name[:2].isupper() or "-" in name.split()[0] else name.lower()
+    article = "an" if name[0].lower() in "aeiou" else "a"
+    return f"This is a picture of {article} {name}."
+
+
+@torch.no_grad()
+def vision_features(model: EmbeddedMLLM, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
+    """Frozen EfficientNet patch features (N, 49, 1280), computed once for the whole training set."""
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc="vision features", unit="batch"):
+        chunks.append(model.vision(model.pixel_values(images[start : start + batch_size])))
+    return torch.cat(chunks)
+
+
+def encode_example(model: EmbeddedMLLM, instruction: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of prompt + answer + end-of-turn, and where the answer starts."""
+    tokenizer = model.tokenizer
+    prompt_ids = tokenizer(model.render_prompt(instruction), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return prompt_ids + answer_ids, len(prompt_ids)
+
+
+def batch_tensors(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask, and a mask of positions whose *next* token is scored."""
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.long)
+    scored = torch.zeros((len(examples), length), dtype=torch.bool)
+    for row, (ids, answer_start) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        scored[row, answer_start - 1 : len(ids) - 1] = True
+    return input_ids, attention, scored
+
+
+def caption_loss(model: EmbeddedMLLM, features: torch.Tensor, input_ids, attention, scored) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens; logits only where scored (the vocab is large)."""
+    inputs_embeds = model.merge(input_ids, model.image_embeddings(features))
+    hidden = model.lm.model(inputs_embeds=inputs_embeds, attention_mask=attention, use_cache=False).last_hidden_state
+    logits = model.lm.lm_head(hidden[scored])
+    targets = input_ids[:, 1:][scored[:, :-1]]
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
+def train_projector(
+    model: EmbeddedMLLM,
+    features: torch.Tensor,
+    class_names: Sequence[str],
+    labels: np.ndarray,
+    settings: TrainSettings,
+) -> dict[str, object]:
+    """Train model.projector in place; returns the loss history and timing."""
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    for module in (model.lm, model.vision):
+        module.requires_grad_(False)
+        module.eval()
+    model.projector.requires_grad_(True)
+    model.projector.train()
+    pad_id = model.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = model.tokenizer.eos_token_id
+    examples = {
+        (label, k): encode_example(model, instruction, caption_text(class_names[label]))
+        for label in sorted(set(labels.tolist()))
+        for k, instruction in enumerate(CAPTION_INSTRUCTIONS)
+    }
+    optimizer = torch.optim.AdamW(
+        model.projector.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / settings.warmup_steps)
+        * 0.5
+        * (1 + np.cos(np.pi * min(step, settings.steps) / settings.steps)),
+    )
+    losses: list[float] = []
+    started = time.perf_counter()
+    order = rng.permutation(len(labels))
+    cursor = 0
+    for _ in tqdm(range(settings.steps), desc="projector", unit="step"):
+        if cursor + settings.batch_size > len(order):
+            order, cursor = rng.permutation(len(labels)), 0
+        index = order[cursor : cursor + settings.batch_size]
+        cursor += settings.batch_size
+        instructions = rng.integers(len(CAPTION_INSTRUCTIONS), size=len(index))
+        batch = [examples[(int(labels[i]), int(k))] for i, k in zip(index, instructions)]
+        input_ids, attention, scored = batch_tensors(batch, pad_id)
+        loss = caption_loss(model, features[torch.from_numpy(index)], input_ids, attention, scored)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    model.projector.eval()
+    return {
+        "settings": asdict(settings),
+        "losses": losses,
+        "final_loss": float(np.mean(losses[-10:])),
+        "train_seconds": time.perf_counter() - started,
+        "n_train_images": int(len(labels)),
+        "caption_instructions": list(CAPTION_INSTRUCTIONS),
+        "caption_example": caption_text(class_names[0]),
+    }
