@@ -1,0 +1,233 @@
+"""Adapters for Hugging Face MLLMs: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and generic image-text-to-text.
+
+One forward pass per batch under torch.inference_mode: the processor's own chat template
+renders the prompt, every key the processor returns goes to the model, decoder-block hooks
+keep the requested positions, and the last position's softmax gives the answer-word
+probabilities (logits_to_keep=1, use_cache=False: no full-vocabulary logits per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from stagelens.models.base import ANSWER_WORDS, BatchVectors, ModelInfo
+from stagelens.models.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
+from stagelens.models.qwen_processor import load_qwen2_vl_processor, torchvision_available
+from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Text models with plain 1-D RoPE: they get position_ids = cumsum(mask) - 1 under left padding
+# (what generate() does). M-RoPE models (Qwen2-VL) compute their own 3-D positions.
+_POSITION_IDS_TEXT_TYPES = ("llama", "mistral")
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda if available else cpu; anything else as torch understands it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one model family is loaded and fed."""
+
+    name: str
+    model_class: Callable[[], type]  # deferred import: only the family in use is imported
+    position_ids: bool  # pass cumsum(mask)-1 positions (1-D RoPE LMs under left padding)
+    max_pixels: bool  # the processor honours max_pixels
+
+
+def _llava():
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration
+
+
+def _llava_next():
+    from transformers import LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration
+
+
+def _qwen2_vl():
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration
+
+
+def _auto():
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
+LLAVA = Architecture("llava", _llava, position_ids=True, max_pixels=False)
+LLAVA_NEXT = Architecture("llava_next", _llava_next, position_ids=True, max_pixels=False)
+QWEN2_VL = Architecture("qwen2_vl", _qwen2_vl, position_ids=False, max_pixels=True)
+
+
+class HFAdapter:
+    """ModelAdapter over a transformers image-text-to-text model and its processor."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor,
+        info: ModelInfo,
+        image_token_id: int,
+        position_ids: bool,
+        processor_kwargs: dict | None = None,
+    ):
+        self.model = model
+        self.processor = processor
+        self.info = info
+        self.image_token_id = int(image_token_id)
+        self.position_ids = position_ids
+        self.processor_kwargs = dict(processor_kwargs or {})
+        self.blocks = find_decoder_layers(model)
+        self.answer_ids = answer_token_ids(processor.tokenizer)
+        self._device = next(model.parameters()).device
+        self._dtype = next(model.parameters()).dtype
+
+    @property
+    def extra_metadata(self) -> dict[str, object]:
+        """Choices recorded next to ModelInfo in every output file."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        return {
+            "processor_class": type(self.processor).__name__,
+            "image_processor_class": type(image_processor).__name__,
+            "image_token_id": self.image_token_id,
+            "position_ids": "cumsum(attention_mask)-1" if self.position_ids else "model default",
+            "answer_token_ids": self.answer_ids,
+            "answer_rule": "max softmax probability over the first token of 'word' and ' word'",
+            **({"max_pixels": self.processor_kwargs["max_pixels"]} if "max_pixels" in self.processor_kwargs else {}),
+        }
+
+    def render_prompt(self, question: str) -> str:
+        return render_prompt(self.processor, question)
+
+    def build_inputs(self, images: Sequence[Image.Image], question: str):
+        """Processor outputs for a batch, on the model's device, floats in the model's dtype."""
+        inputs = build_inputs(self.processor, images, question)
+        return inputs.to(self._device).to(self._dtype)
+
+    def model_kwargs(self, inputs) -> dict:
+        """Forward kwargs: every processor key, plus positions for 1-D RoPE LMs."""
+        kwargs = dict(inputs)
+        if self.position_ids:
+            kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        return kwargs
+
+    def forward(
+        self,
+        images: Sequence[Image.Image],
+        question: str,
+        layers: Sequence[int],
+        positions: Sequence[str],
+    ) -> BatchVectors:
+        inputs = self.build_inputs(images, question)
+        mask = inputs["attention_mask"]
+        last = last_token_index(mask)
+        if bool((last != mask.shape[1] - 1).any()):
+            raise RuntimeError("prompts are not left-padded: the last token must be at index T-1")
+        image_mask = inputs["input_ids"] == self.image_token_id
+        capture = LayerCapture(self.blocks, layers, positions)
+        capture.set_batch(last, image_mask)
+        with torch.inference_mode(), capture.attached():
+            out = self.model(**self.model_kwargs(inputs), logits_to_keep=1, use_cache=False)
+            probs = out.logits[:, -1, :].float().softmax(dim=-1)
+            answer = torch.stack(
+                [probs[:, ids].max(dim=1).values for ids in (self.answer_ids[w] for w in ANSWER_WORDS)], dim=1
+            )
+        return BatchVectors(
+            vectors=capture.vectors(),
+            answer_probs=answer.cpu().numpy().astype(np.float32),
+            n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
+        )
+
+
+def _commit_hash(model: nn.Module) -> str | None:
+    return getattr(model.config, "_commit_hash", None)
+
+
+def _load_processor(arch: Architecture | None, model_path: str, revision: str | None, model_cfg: dict, processor_kwargs: dict):
+    trust = bool(model_cfg.get("trust_remote_code", False))
+    if arch is QWEN2_VL:
+        return load_qwen2_vl_processor(model_path, revision=revision, **processor_kwargs)
+    from transformers import AutoProcessor
+
+    backend = {} if torchvision_available() else {"backend": "pil"}
+    return AutoProcessor.from_pretrained(
+        model_path, revision=revision, trust_remote_code=trust, **backend, **processor_kwargs
+    )
+
+
+def load_hf_adapter(model_cfg: dict, model_path: str, arch: Architecture | None = None) -> HFAdapter:
+    """Load model + processor for `arch` (None: AutoModelForImageTextToText) and wrap them.
+
+    Fails on missing weights: transformers would silently random-initialise them.
+    """
+    revision = model_cfg.get("revision") or None
+    dtype = resolve_dtype(model_cfg.get("dtype", "float32"))
+    device = resolve_device(str(model_cfg.get("device", "auto")))
+    trust = bool(model_cfg.get("trust_remote_code", False))
+    max_pixels = model_cfg.get("max_pixels")
+    processor_kwargs: dict = {}
+    if max_pixels is not None:
+        if arch is not None and not arch.max_pixels:
+            raise ValueError(f"max_pixels is set for {model_path!r}, but only Qwen2-VL-style processors use it")
+        processor_kwargs["max_pixels"] = int(max_pixels)
+
+    model_class = (arch.model_class if arch is not None else _auto)()
+    model, loading = model_class.from_pretrained(
+        model_path,
+        revision=revision,
+        dtype=dtype,
+        trust_remote_code=trust,
+        output_loading_info=True,
+        device_map=str(device),
+    )
+    if loading.get("missing_keys"):
+        missing = sorted(loading["missing_keys"])
+        raise ValueError(
+            f"{model_path}: {len(missing)} weights missing from the checkpoint (they would be random): "
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
+        )
+    model.eval()
+    processor = _load_processor(arch, model_path, revision, model_cfg, processor_kwargs)
+
+    text_config = model.config.get_text_config()
+    position_ids = arch.position_ids if arch is not None else text_config.model_type in _POSITION_IDS_TEXT_TYPES
+    image_token_id = getattr(model.config, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = getattr(model.config, "image_token_index", None)
+    if image_token_id is None:
+        raise ValueError(f"{model_path}: config has no image_token_id / image_token_index")
+    num_layers = text_num_layers(model)
+    info = ModelInfo(
+        model_id=str(model_path),
+        revision=_commit_hash(model) or str(revision or "main"),
+        architecture=type(model).__name__,
+        dtype=str(model.dtype).removeprefix("torch."),
+        device=str(device),
+        num_layers=int(num_layers if num_layers is not None else len(find_decoder_layers(model))),
+        hidden_size=int(text_config.hidden_size),
+    )
+    return HFAdapter(model, processor, info, image_token_id, position_ids, processor_kwargs)

@@ -1,0 +1,164 @@
+"""Find a language model's decoder blocks and read kept token positions with forward hooks.
+
+Layer convention (see base.LayerConvention): layer 0 = input to the first decoder block
+(token embeddings with image features merged in), layer l = output of block l, before the
+final norm. Each hook reduces its (batch, tokens, width) hidden state to the kept positions
+right away and converts only those to float32, so the full layers x tokens x width stack is
+never held in memory.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+# Module-name fragments of vision towers and projectors, whose block lists are never the LM's.
+_VISION_NAME_PARTS = ("vision", "visual", "image", "vit", "projector", "patch", "siglip", "clip")
+
+
+def text_num_layers(model: nn.Module) -> int | None:
+    """num_hidden_layers of the model's text config, where it has one."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "num_hidden_layers", None)
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The language model's decoder block list, found without hard-coded attribute paths.
+
+    Prefers `get_decoder().layers` (transformers models and wrappers that expose it); otherwise
+    searches every ModuleList outside vision towers whose length is the text config's
+    num_hidden_layers (or, without a config, the longest such list).
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except (AttributeError, NotImplementedError):
+            decoder = None
+        blocks = getattr(decoder, "layers", None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return blocks
+    expected = text_num_layers(model)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and not any(part in name.lower() for part in _VISION_NAME_PARTS)
+    ]
+    if expected is not None:
+        candidates = [(n, m) for n, m in candidates if len(m) == expected]
+    else:
+        longest = max((len(m) for _, m in candidates), default=0)
+        candidates = [(n, m) for n, m in candidates if len(m) == longest]
+    if len(candidates) != 1:
+        found = [f"{n} ({len(m)})" for n, m in candidates] or ["none"]
+        raise ValueError(
+            f"cannot identify the decoder block list of {type(model).__name__} "
+            f"(expected {expected} blocks); candidates: {', '.join(found)}"
+        )
+    return candidates[0][1]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token per row (T-1 under left padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.to(torch.long) * (positions + 1)).argmax(dim=1)
+
+
+def _reduce(hidden: torch.Tensor, position: str, last_index: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, tokens, width) -> (batch, width) float32 at one kept position."""
+    if position == "last":
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_index.to(hidden.device)].to(torch.float32)
+    if position == "image_mean":
+        if image_mask is None:
+            raise ValueError("position 'image_mean' needs an image token mask")
+        mask = image_mask.to(hidden.device)
+        # Per row, convert only the image tokens to float32 and average them there.
+        return torch.stack([hidden[b][mask[b]].to(torch.float32).mean(dim=0) for b in range(hidden.shape[0])])
+    raise ValueError(f"unknown position {position!r}; known: last, image_mean")
+
+
+class LayerCapture:
+    """Forward hooks on the decoder blocks that keep `positions` at `layers` for one batch.
+
+    Set `last_index` (batch,) and `image_mask` (batch, tokens) with `set_batch` before the
+    forward; read `vectors()` after it.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, layers: Sequence[int], positions: Sequence[str]):
+        n = len(blocks)
+        bad = [layer for layer in layers if not 0 <= int(layer) <= n]
+        if bad:
+            raise ValueError(f"layers {bad} out of range 0..{n} (the model has {n} decoder blocks)")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers must not repeat, got {list(layers)}")
+        if not positions:
+            raise ValueError("at least one position is required")
+        self.blocks = blocks
+        self.layers = [int(layer) for layer in layers]
+        self.positions = list(positions)
+        self._slot = {layer: i for i, layer in enumerate(self.layers)}
+        self._kept: dict[str, list[torch.Tensor | None]] = {}
+        self._last_index: torch.Tensor | None = None
+        self._image_mask: torch.Tensor | None = None
+
+    def set_batch(self, last_index: torch.Tensor, image_mask: torch.Tensor | None) -> None:
+        if "image_mean" in self.positions and image_mask is not None:
+            empty = (image_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"batch rows {empty} hold no image tokens: image_mean is undefined")
+        self._last_index = last_index
+        self._image_mask = image_mask
+        self._kept = {pos: [None] * len(self.layers) for pos in self.positions}
+
+    def _store(self, layer: int, hidden: torch.Tensor) -> None:
+        if self._last_index is None:
+            raise RuntimeError("LayerCapture.set_batch was not called before the forward pass")
+        slot = self._slot[layer]
+        for pos in self.positions:
+            self._kept[pos][slot] = _reduce(hidden, pos, self._last_index, self._image_mask)
+
+    def _pre_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._store(0, hidden)
+
+    def _make_hook(self, layer: int):
+        def hook(_module: nn.Module, _args: tuple, output) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            self._store(layer, hidden)
+
+        return hook
+
+    @contextmanager
+    def attached(self) -> Iterator["LayerCapture"]:
+        """Register the hooks for the duration of the block; always removes them."""
+        handles = []
+        try:
+            for layer in self.layers:
+                if layer == 0:
+                    handles.append(self.blocks[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+                else:
+                    handles.append(self.blocks[layer - 1].register_forward_hook(self._make_hook(layer)))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def vectors(self) -> dict[str, np.ndarray]:
+        """position -> (n_layers, batch, width) float32, in the order of `layers`."""
+        out = {}
+        for pos, kept in self._kept.items():
+            missing = [self.layers[i] for i, t in enumerate(kept) if t is None]
+            if missing:
+                raise RuntimeError(f"no hidden state captured at layers {missing}: did the forward run?")
+            out[pos] = torch.stack([t.cpu() for t in kept]).numpy()
+        return out
