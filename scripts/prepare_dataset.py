@@ -1,0 +1,26 @@
+"""Snakemake script of rule prepare_dataset: ImageFolder tree -> results/data/manifest.parquet."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (injected by Snakemake)
+
+from tqdm import tqdm  # noqa: E402
+
+from stagelens.dataset import build_manifest, manifest_metadata, write_manifest  # noqa: E402
+
+dataset = snakemake.params.dataset  # noqa: F821
+table = build_manifest(
+    root=snakemake.input.root,  # noqa: F821
+    seed=snakemake.params.seed,  # noqa: F821
+    train_per_class=dataset["train_per_class"],
+    test_per_class=dataset["test_per_class"],
+    class_list=dataset["class_list"],
+    on_broken_image=dataset["on_broken_image"],
+    progress=lambda classes: tqdm(classes, desc="classes", unit="class", file=sys.stderr),
+)
+write_manifest(table, snakemake.output.manifest)  # noqa: F821
+
+meta = manifest_metadata(snakemake.output.manifest)  # noqa: F821
+print(f"{len(meta['classes'])} classes, {table.num_rows} images; skipped {meta['n_skipped_broken']} broken image(s)", file=sys.stderr)
+for item in meta["skipped_broken"]:
+    print(f"skipped broken image {item['path']}: {item['error']}", file=sys.stderr)

@@ -1,0 +1,162 @@
+"""Load and validate a stagelens config: JSON schema (defaults filled in) plus cross-field rules.
+
+The workflow (workflow/rules/common.smk) and notebooks call the same `load_config`, so a config
+that Snakemake accepts is exactly one the library accepts, with the same defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import ValidationError
+
+TINY_RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names every offending key path."""
+
+
+def _with_defaults(validator_class: type) -> type:
+    """A validator class that fills `default` values into the instance while validating.
+
+    This is the recipe of the jsonschema FAQ that snakemake.utils.validate(set_default=True)
+    also uses, so defaults behave identically inside and outside Snakemake.
+    """
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # type: ignore[no-untyped-def]
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema:
+                    instance.setdefault(name, copy.deepcopy(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultingValidator = _with_defaults(Draft202012Validator)
+
+
+def key_path(parts: Sequence[str | int]) -> str:
+    """Render a path into the config as `models.tiny-llava.layers[2]`."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<top level>"
+
+
+def _schema_messages(errors: Iterator[ValidationError]) -> list[str]:
+    messages = []
+    for error in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
+        messages.append(f"config error at {key_path(list(error.absolute_path))}: {error.message}")
+    return messages
+
+
+def read_schema(schema_path: str | os.PathLike) -> dict:
+    """Read a JSON schema written in YAML (the snakemake-workflows convention)."""
+    with open(schema_path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def model_layers(model: Mapping[str, Any]) -> list[int]:
+    """Layers a model is extracted and probed at: the explicit list, else every layer 0..L."""
+    layers = model.get("layers")
+    if layers is None:
+        return list(range(int(model["num_layers"]) + 1))
+    return sorted(int(layer) for layer in layers)
+
+
+def enabled_models(config: Mapping[str, Any]) -> dict[str, dict]:
+    """The models the workflow runs, by name, in config order."""
+    return {name: model for name, model in config["models"].items() if model.get("enabled", True)}
+
+
+def all_prompts(config: Mapping[str, Any]) -> list[dict]:
+    """The anchor followed by every variant."""
+    prompts = config["prompts"]
+    return [prompts["anchor"], *prompts.get("variants", [])]
+
+
+def rule_suffix(model_name: str) -> str:
+    """A model name made into a Python identifier, for per-model rule names (extract_<suffix>)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", model_name)
+
+
+def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
+    """Rules a JSON schema cannot express."""
+    messages: list[str] = []
+
+    def err(parts: Sequence[str | int], text: str) -> None:
+        messages.append(f"config error at {key_path(parts)}: {text}")
+
+    suffixes: dict[str, str] = {}
+    for name, model in config["models"].items():
+        has = [key for key in ("recipe", "path") if model.get(key) is not None]
+        if len(has) != 1:
+            found = "both" if len(has) == 2 else "neither"
+            err(["models", name], f"exactly one of 'recipe' or 'path' must be set (found {found})")
+        top = int(model["num_layers"])
+        for i, layer in enumerate(model.get("layers") or []):
+            if layer > top:
+                err(["models", name, "layers", i], f"layer {layer} is outside 0..{top} (num_layers={top})")
+        suffix = rule_suffix(name)
+        if suffix in suffixes:
+            err(["models", name], f"name collides with model {suffixes[suffix]!r} in rule name 'extract_{suffix}'")
+        suffixes[suffix] = name
+    if not enabled_models(config):
+        err(["models"], "no model has enabled: true; there is nothing to run")
+
+    anchor_id = config["prompts"]["anchor"]["id"]
+    seen: dict[str, int] = {}
+    for i, prompt in enumerate(config["prompts"].get("variants", [])):
+        pid = prompt["id"]
+        if pid == anchor_id:
+            err(["prompts", "variants", i, "id"], f"{pid!r} is the anchor's id; variant ids must differ from it")
+        elif pid in seen:
+            err(["prompts", "variants", i, "id"], f"duplicate prompt id {pid!r} (also prompts.variants[{seen[pid]}])")
+        else:
+            seen[pid] = i
+    return messages
+
+
+def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict:
+    """Return a deep copy of `config` with defaults filled in, or raise ConfigError listing every problem."""
+    filled = copy.deepcopy(dict(config))
+    messages = _schema_messages(_DefaultingValidator(schema).iter_errors(filled))
+    if messages:
+        # Cross-field rules assume a schema-valid shape; report the schema errors first.
+        raise ConfigError("\n".join(messages))
+    messages = _cross_field_messages(filled)
+    if messages:
+        raise ConfigError("\n".join(messages))
+    return filled
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any], schema_path: str | os.PathLike) -> dict:
+    """Load a config (YAML file or mapping), validate it against the schema and fill defaults."""
+    if isinstance(source, Mapping):
+        raw: Any = source
+        origin = ""
+    else:
+        with open(source, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+        origin = f" in {Path(source)}"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config error at <top level>{origin}: expected a mapping, got {type(raw).__name__}")
+    try:
+        return validate_config(raw, read_schema(schema_path))
+    except ConfigError as exc:
+        if origin:
+            raise ConfigError(f"{exc}\n(config file: {Path(source)})") from None  # type: ignore[arg-type]
+        raise

@@ -1,0 +1,276 @@
+"""The image manifest: a deterministic per-class train/test split of an ImageFolder tree.
+
+The split of a class depends only on the seed, the class folder's name and the sorted paths of
+its images, never on filesystem listing order or on the other classes, so adding a class to a
+dataset leaves every other class's split unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+METADATA_KEY = b"stagelens"
+SPLITS = ("train", "test")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("path", pa.string()),
+    ]
+)
+
+
+class DatasetError(ValueError):
+    """The dataset cannot give what the config asks for; the message names the class or file."""
+
+
+@dataclass(frozen=True)
+class ImageClass:
+    """One class: its folder under the root and its human-readable name."""
+
+    folder: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """The images a class contributes to each split, plus the unreadable ones passed over."""
+
+    train: list[str]
+    test: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, error)
+
+
+# --- reading the tree (I/O) ------------------------------------------------------------------
+
+
+def read_class_list(path: str | os.PathLike) -> list[ImageClass]:
+    """Read a TSV with a header holding columns `folder` and `name`; order is kept."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        missing = {"folder", "name"} - set(reader.fieldnames or [])
+        if missing:
+            raise DatasetError(f"class list {path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
+        classes = [ImageClass(row["folder"].strip(), row["name"].strip()) for row in reader]
+    seen: set[str] = set()
+    for i, cls in enumerate(classes, start=2):
+        if not cls.folder:
+            raise DatasetError(f"class list {path}, line {i}: empty folder")
+        if cls.folder in seen:
+            raise DatasetError(f"class list {path}, line {i}: folder {cls.folder!r} listed twice")
+        seen.add(cls.folder)
+    if not classes:
+        raise DatasetError(f"class list {path} lists no classes")
+    return classes
+
+
+def list_class_folders(root: str | os.PathLike) -> list[str]:
+    """Sub-folders of the root (hidden ones excluded), sorted."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset root {root} is not a directory")
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def list_images(class_dir: str | os.PathLike) -> list[str]:
+    """Image files under a class folder (recursively), as sorted POSIX paths relative to it."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(dirpath, name).relative_to(class_dir).as_posix())
+    return sorted(found)
+
+
+def image_error(path: str | os.PathLike) -> str | None:
+    """None when the file decodes as an image, else why not (PIL verify, then a full load)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        # verify() leaves the image unusable and misses truncated pixel data: decode it too.
+        with Image.open(path) as img:
+            img.load()
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+# --- pure logic ------------------------------------------------------------------------------
+
+
+def choose_classes(folders: Sequence[str], class_list: Sequence[ImageClass] | None) -> list[ImageClass]:
+    """The ordered classes: the class list (every folder must exist), else the sorted folders."""
+    if class_list is None:
+        return [ImageClass(folder, folder) for folder in sorted(folders)]
+    present = set(folders)
+    absent = [cls.folder for cls in class_list if cls.folder not in present]
+    if absent:
+        shown = ", ".join(absent[:5]) + (f" (+{len(absent) - 5} more)" if len(absent) > 5 else "")
+        raise DatasetError(f"class list names {len(absent)} folder(s) missing from the dataset root: {shown}")
+    return list(class_list)
+
+
+def candidate_order(files: Sequence[str], folder: str, seed: int) -> list[str]:
+    """A seeded permutation of a class's sorted files, keyed by the class folder's name."""
+    digest = hashlib.sha256(folder.encode("utf-8")).digest()
+    key = [seed, *struct.unpack("<4I", digest[:16])]
+    rng = np.random.default_rng(np.random.SeedSequence(key))
+    ordered = sorted(files)
+    return [ordered[i] for i in rng.permutation(len(ordered))]
+
+
+def split_class(
+    cls: ImageClass,
+    files: Sequence[str],
+    seed: int,
+    n_train: int,
+    n_test: int,
+    error_of: Callable[[str], str | None],
+    on_broken_image: str = "error",
+) -> ClassSplit:
+    """Take readable images in candidate order: the first n_train go to train, the next n_test to test.
+
+    `error_of(relative path)` says why an image is unreadable (None when fine); only as many
+    images are checked as the split needs. A broken image raises (on_broken_image="error") or
+    is passed over for the next candidate and recorded ("skip").
+    """
+    need = n_train + n_test
+    if len(files) < need:
+        raise DatasetError(
+            f"class {cls.folder!r} ({cls.name}) has {len(files)} images, needs {need} "
+            f"(train_per_class={n_train} + test_per_class={n_test})"
+        )
+    chosen: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for rel in candidate_order(files, cls.folder, seed):
+        if len(chosen) == need:
+            break
+        error = error_of(rel)
+        if error is None:
+            chosen.append(rel)
+        elif on_broken_image == "skip":
+            skipped.append((rel, error))
+        else:
+            raise DatasetError(f"unreadable image {cls.folder}/{rel}: {error} (set dataset.on_broken_image: skip to pass over it)")
+    if len(chosen) < need:
+        raise DatasetError(
+            f"class {cls.folder!r} ({cls.name}) has {len(files)} images of which {len(skipped)} are unreadable; "
+            f"needs {need} readable (train_per_class={n_train} + test_per_class={n_test})"
+        )
+    return ClassSplit(train=chosen[:n_train], test=chosen[n_train:], skipped=skipped)
+
+
+def sample_id(folder: str, rel: str) -> str:
+    """Stable id of an image: `<class folder>/<path inside it without suffix>`."""
+    return f"{folder}/{Path(rel).with_suffix('').as_posix()}"
+
+
+def manifest_table(
+    root: str,
+    classes: Sequence[ImageClass],
+    splits: Mapping[str, ClassSplit],
+    metadata: Mapping[str, object],
+) -> pa.Table:
+    """The manifest rows (train then test, by label, by sample id) with the run metadata attached."""
+    columns: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
+    for split in SPLITS:
+        for label, cls in enumerate(classes):
+            files = getattr(splits[cls.folder], split)
+            for rel in sorted(files, key=lambda r: sample_id(cls.folder, r)):
+                columns["sample_id"].append(sample_id(cls.folder, rel))
+                columns["split"].append(split)
+                columns["label"].append(label)
+                columns["class_name"].append(cls.name)
+                columns["path"].append(os.path.join(root, cls.folder, rel))
+    dupes = sorted(i for i, n in Counter(columns["sample_id"]).items() if n > 1)
+    if dupes:
+        raise DatasetError(f"images share a sample id (same name, different suffix): {', '.join(dupes[:5])}")
+    table = pa.table(columns, schema=MANIFEST_SCHEMA)
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(dict(metadata), sort_keys=True).encode("utf-8")})
+
+
+# --- orchestration and writing ---------------------------------------------------------------
+
+
+def build_manifest(
+    root: str,
+    seed: int,
+    train_per_class: int,
+    test_per_class: int,
+    class_list: str | None = None,
+    on_broken_image: str = "error",
+    error_of: Callable[[str], str | None] = image_error,
+    progress: Callable[[Iterable[ImageClass]], Iterable[ImageClass]] = lambda it: it,
+) -> pa.Table:
+    """Scan the tree, split every class and return the manifest table (see the brief's contract)."""
+    if on_broken_image not in ("error", "skip"):
+        raise DatasetError(f"on_broken_image must be 'error' or 'skip', got {on_broken_image!r}")
+    listed = read_class_list(class_list) if class_list else None
+    classes = choose_classes(list_class_folders(root), listed)
+    if not classes:
+        raise DatasetError(f"dataset root {root} has no class sub-folders")
+    splits: dict[str, ClassSplit] = {}
+    for cls in progress(classes):
+        class_dir = os.path.join(root, cls.folder)
+        splits[cls.folder] = split_class(
+            cls,
+            list_images(class_dir),
+            seed,
+            train_per_class,
+            test_per_class,
+            lambda rel, d=class_dir: error_of(os.path.join(d, rel)),
+            on_broken_image,
+        )
+    skipped = [
+        {"path": os.path.join(root, folder, rel), "error": error}
+        for folder, split in splits.items()
+        for rel, error in split.skipped
+    ]
+    metadata = {
+        "root": root,
+        "class_list": class_list,
+        "seed": seed,
+        "train_per_class": train_per_class,
+        "test_per_class": test_per_class,
+        "on_broken_image": on_broken_image,
+        "classes": [{"label": i, "folder": c.folder, "name": c.name} for i, c in enumerate(classes)],
+        "counts": {c.folder: {"train": len(splits[c.folder].train), "test": len(splits[c.folder].test)} for c in classes},
+        "n_skipped_broken": len(skipped),
+        "skipped_broken": skipped,
+    }
+    return manifest_table(root, classes, splits, metadata)
+
+
+def write_manifest(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write atomically (temporary file, then rename) so a killed job leaves no half manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def manifest_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata a manifest carries (seed, classes, counts, skipped images)."""
+    meta = pq.read_schema(path).metadata or {}
+    if METADATA_KEY not in meta:
+        raise DatasetError(f"{path} has no stagelens metadata; is it a manifest?")
+    return json.loads(meta[METADATA_KEY])

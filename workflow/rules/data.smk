@@ -1,0 +1,19 @@
+rule prepare_dataset:
+    """Deterministic per-class train/test split of the ImageFolder tree -> manifest.parquet."""
+    input:
+        unpack(dataset_inputs),
+    output:
+        manifest=manifest_path(),
+    params:
+        dataset=config["dataset"],
+        seed=config["seed"],
+    log:
+        log_path("prepare_dataset"),
+    benchmark:
+        benchmark_path("prepare_dataset")
+    threads: 1
+    resources:
+        mem_mb=1024,
+        runtime=lambda wildcards: 10 + math.ceil(n_classes() / 20),
+    script:
+        "../../scripts/prepare_dataset.py"

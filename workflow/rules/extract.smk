@@ -1,0 +1,32 @@
+# One rule per model: each model has its own layer count, and one job (one forward pass per
+# batch) writes every layer's file. Wildcards: {split} and {prompt}; the model is fixed per rule.
+
+for _model in MODELS:
+
+    rule:
+        name:
+            extract_rule_name(_model)
+        input:
+            **extract_inputs(_model),
+        output:
+            embeddings=[embedding_path(_model, "{split}", "{prompt}", layer) for layer in layers_of(_model)],
+            answers=answers_path(_model, "{split}", "{prompt}"),
+        params:
+            model_name=_model,
+            model=MODELS[_model],
+            model_path=model_path(_model),
+            prompt=lambda wildcards: PROMPTS[wildcards.prompt],
+            split=lambda wildcards: wildcards.split,
+            layers=layers_of(_model),
+            positions=MODELS[_model]["positions"],
+        log:
+            log_path(f"extract_{_model}", "{split}", "{prompt}"),
+        benchmark:
+            benchmark_path(f"extract_{_model}", "{split}", "{prompt}")
+        threads: extract_threads(_model)
+        resources:
+            mem_mb=extract_mem_mb(_model),
+            runtime=lambda wildcards, m=_model: extract_runtime(m, wildcards.split),
+            gpu=extract_gpu(_model),
+        script:
+            "../../scripts/extract.py"
