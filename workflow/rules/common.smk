@@ -90,12 +90,12 @@ def depth_panel_path(fmt):
 
 def log_path(rule, *parts):
     """logs/<rule>/<wildcards>.log (logs/<rule>.log without wildcards)."""
-    return "/".join(["logs", rule, *parts]) + ".log" if parts else f"logs/{rule}.log"
+    return os.path.join("logs", rule, *parts) + ".log"
 
 
 def benchmark_path(rule, *parts):
     """benchmarks/<rule>/<wildcards>.tsv, mirroring log_path."""
-    return "/".join(["benchmarks", rule, *parts]) + ".tsv" if parts else f"benchmarks/{rule}.tsv"
+    return os.path.join("benchmarks", rule, *parts) + ".tsv"
 
 
 # --- per-model facts ------------------------------------------------------------------------
@@ -112,11 +112,6 @@ def is_recipe_model(model):
 
 def tiny_recipe_models():
     return [name for name, m in MODELS.items() if m.get("recipe") in TINY_RECIPES]
-
-
-def model_path(model):
-    """What extraction loads: the built directory of a recipe model, else the hub id / local dir."""
-    return model_dir(model) if is_recipe_model(model) else MODELS[model]["path"]
 
 
 def extract_inputs(model):

@@ -14,7 +14,7 @@ for _model in MODELS:
         params:
             model_name=_model,
             model=MODELS[_model],
-            model_path=model_path(_model),
+            model_path=lambda wildcards, input, m=_model: input.model if is_recipe_model(m) else MODELS[m]["path"],
             prompt=lambda wildcards: PROMPTS[wildcards.prompt],
             split=lambda wildcards: wildcards.split,
             layers=layers_of(_model),
