@@ -106,7 +106,7 @@ def fit_probe(
         weight = np.vstack([np.zeros_like(weight), weight])
         bias = np.concatenate([[0.0], bias])
     probe = Probe(
-        weight=weight.astype(np.float32),
+        weight=np.ascontiguousarray(weight, dtype=np.float32),
         bias=bias.astype(np.float32),
         mean=scaler.mean_.astype(np.float32),
         scale=scaler.scale_.astype(np.float32),
@@ -139,8 +139,9 @@ def save_probes(probes: dict[str, Probe], path: str | os.PathLike, sidecar: dict
     from safetensors.numpy import save_file
 
     path = Path(path)
+    # safetensors writes the raw buffer: a strided array (sklearn's coef_ is one) would be scrambled.
     tensors = {
-        f"{pos}.{name}": getattr(probe, name)
+        f"{pos}.{name}": np.ascontiguousarray(getattr(probe, name))
         for pos, probe in probes.items()
         for name in ("weight", "bias", "mean", "scale", "classes")
     }
