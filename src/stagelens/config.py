@@ -106,6 +106,8 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
         if len(has) != 1:
             found = "both" if len(has) == 2 else "neither"
             err(["models", name], f"exactly one of 'recipe' or 'path' must be set (found {found})")
+        if model["vector_dtype"] == "float16" and model["dtype"] == "float32":
+            err(["models", name, "vector_dtype"], "float16 vectors need a 16-bit model dtype (bfloat16 or float16); got dtype float32")
         top = int(model["num_layers"])
         for i, layer in enumerate(model.get("layers") or []):
             if layer > top:
