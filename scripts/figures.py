@@ -22,7 +22,7 @@ if snakemake.rule == "depth_panel":
     stages = pl.concat([pl.read_parquet(p) for p in snakemake.input.stages], how="diagonal_relaxed")
     positions = metrics["position"].unique().to_list()
     position = "last" if "last" in positions else sorted(positions)[0]
-    save_chart(depth_panel(metrics, stages, position), stem(snakemake.output.png))
+    save_chart(depth_panel(metrics, stages, position), stem(snakemake.output.svg))
 else:
     model = snakemake.wildcards.model
     metrics = pl.read_parquet(snakemake.input.metrics)

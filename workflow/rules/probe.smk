@@ -1,0 +1,58 @@
+# Probing: one probe-training job per model x layer (anchor prompt, train split), one
+# evaluation job per model x layer x prompt (test split). Evaluation jobs are light (numpy +
+# pyarrow, ~0.2 s): a paper run has about a thousand of them.
+
+
+def probe_runtime(model):
+    """Minutes for one train_probe job: two probes (real + control) x positions x the C grid."""
+    images = max(n_classes(), 1) * config["dataset"]["train_per_class"]
+    work = images * max(n_classes(), 2) * len(MODELS[model]["positions"]) * len(config["probe"]["Cs"])
+    return 10 + math.ceil(work / 100_000)
+
+
+rule train_probe:
+    """Standardised multinomial logistic regression (C by CV) and its shuffled-label control."""
+    input:
+        embeddings=embedding_path("{model}", "train", ANCHOR, "{layer}"),
+    output:
+        probe=probe_path("{model}", "{layer}"),
+        probe_json=probe_path("{model}", "{layer}", "json"),
+        control=control_probe_path("{model}", "{layer}"),
+        control_json=control_probe_path("{model}", "{layer}", "json"),
+    params:
+        probe=config["probe"],
+        seed=config["seed"],
+    log:
+        log_path("train_probe", "{model}", "layer{layer}"),
+    benchmark:
+        benchmark_path("train_probe", "{model}", "layer{layer}")
+    threads: 2
+    resources:
+        mem_mb=4096,
+        runtime=lambda wildcards: probe_runtime(wildcards.model),
+    script:
+        "../../scripts/train_probe.py"
+
+
+rule evaluate:
+    """Frozen probe on one prompt's test features: accuracy, CI, paired drop, shift correction."""
+    input:
+        probe=probe_path("{model}", "{layer}"),
+        control=control_probe_path("{model}", "{layer}"),
+        variant=embedding_path("{model}", "test", "{prompt}", "{layer}"),
+        anchor=embedding_path("{model}", "test", ANCHOR, "{layer}"),
+    output:
+        metrics=metrics_path("{model}", "{prompt}", "{layer}"),
+    params:
+        model_name=lambda wildcards: wildcards.model,
+        prompt=lambda wildcards: PROMPTS[wildcards.prompt],
+        evaluate=config["evaluate"],
+        seed=config["seed"],
+    log:
+        log_path("evaluate", "{model}", "{prompt}", "layer{layer}"),
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=5,
+    script:
+        "../../scripts/evaluate.py"

@@ -1,0 +1,113 @@
+# Per-model tables (aggregate), figures per model and across models, and the report entries.
+
+
+def model_description(model):
+    """What a caption says about a model: id or recipe, revision, positions, layers."""
+    cfg = MODELS[model]
+    return {
+        "source": cfg.get("path") or f"recipe {cfg.get('recipe')}",
+        "revision": cfg.get("revision", "main"),
+        "positions": ", ".join(cfg["positions"]),
+        "num_layers": cfg["num_layers"],
+        "dtype": cfg["dtype"],
+    }
+
+
+rule aggregate:
+    """Tidy metrics, the model's own answers per prompt, and the detected stages of one model."""
+    input:
+        metrics=lambda wildcards: [
+            metrics_path(wildcards.model, prompt, layer)
+            for prompt in PROMPTS
+            for layer in layers_of(wildcards.model)
+        ],
+        answers=lambda wildcards: [answers_path(wildcards.model, "test", prompt) for prompt in PROMPTS],
+    output:
+        metrics=aggregate_path("{model}", "metrics"),
+        stages=aggregate_path("{model}", "stages"),
+        behaviour=aggregate_path("{model}", "behaviour"),
+    params:
+        model_name=lambda wildcards: wildcards.model,
+        prompts=list(PROMPTS.values()),
+        stages=config["stages"],
+    log:
+        log_path("aggregate", "{model}"),
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    script:
+        "../../scripts/aggregate.py"
+
+
+def _model_figure(figure, label):
+    """The SVG of a per-model figure, marked for the report."""
+    return report(
+        model_figure_path("{model}", figure, "svg"),
+        caption=f"../report/{figure}.rst",
+        category="Per model",
+        subcategory="{model}",
+        labels={"model": "{model}", "figure": label},
+    )
+
+
+rule figures:
+    """Accuracy by layer, drop heatmap and answer shares of one model (PNG, SVG, Vega-Lite)."""
+    input:
+        metrics=aggregate_path("{model}", "metrics"),
+        behaviour=aggregate_path("{model}", "behaviour"),
+    output:
+        accuracy=_model_figure("accuracy", "accuracy by layer"),
+        accuracy_png=model_figure_path("{model}", "accuracy", "png"),
+        accuracy_json=model_figure_path("{model}", "accuracy", "vl.json"),
+        drop_heatmap=_model_figure("drop_heatmap", "drop against the anchor"),
+        drop_heatmap_png=model_figure_path("{model}", "drop_heatmap", "png"),
+        drop_heatmap_json=model_figure_path("{model}", "drop_heatmap", "vl.json"),
+        answers=_model_figure("answers", "the model's own answers"),
+        answers_png=model_figure_path("{model}", "answers", "png"),
+        answers_json=model_figure_path("{model}", "answers", "vl.json"),
+    params:
+        model=lambda wildcards: model_description(wildcards.model),
+        prompts=list(PROMPTS.values()),
+        probe=config["probe"],
+        evaluate=config["evaluate"],
+        stages=config["stages"],
+        seed=config["seed"],
+    log:
+        log_path("figures", "{model}"),
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    script:
+        "../../scripts/figures.py"
+
+
+rule depth_panel:
+    """Drop against the anchor on normalised depth for every model, detected stages shaded."""
+    input:
+        metrics=[aggregate_path(model, "metrics") for model in MODELS],
+        stages=[aggregate_path(model, "stages") for model in MODELS],
+    output:
+        svg=report(
+            depth_panel_path("svg"),
+            caption="../report/depth_panel.rst",
+            category="Across models",
+            labels={"figure": "stages on normalised depth"},
+        ),
+        png=depth_panel_path("png"),
+        json=depth_panel_path("vl.json"),
+    params:
+        models={model: model_description(model) for model in MODELS},
+        probe=config["probe"],
+        evaluate=config["evaluate"],
+        stages=config["stages"],
+        seed=config["seed"],
+    log:
+        log_path("depth_panel"),
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    script:
+        "../../scripts/figures.py"
