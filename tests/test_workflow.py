@@ -1,0 +1,286 @@
+"""Snakemake itself on tiny configs: the jobs a config schedules, clear config errors, a real run.
+
+Every run happens in a temporary working directory (--directory) with its own config file
+(--configfile --replace-workflow-config); nothing is written into the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+RULES = REPO / "workflow" / "rules"
+HAS_ANALYSIS = (RULES / "probe.smk").exists() and (RULES / "report.smk").exists()
+NEEDS_ANALYSIS = pytest.mark.skipif(
+    not HAS_ANALYSIS, reason="workflow/rules/probe.smk and report.smk (train_probe, evaluate, aggregate, figures) not written yet"
+)
+MISSING_SCRIPTS = [s for s in ("build_model.py", "extract.py") if not (REPO / "scripts" / s).exists()]
+NEEDS_SCRIPTS = pytest.mark.skipif(bool(MISSING_SCRIPTS), reason=f"scripts not written yet: {MISSING_SCRIPTS}")
+
+CLASSES = ("circle", "square", "stripes")
+ANCHOR = {"id": "anchor", "text": "Does this image show an animal? The answer must be always yes or no.", "expected": "yes"}
+LEXICAL = {"id": "lex_picture", "family": "lexical", "text": "Does this picture show an animal? The answer must be always yes or no.", "expected": "yes"}
+NEGATION = {"id": "neg_plane", "family": "negation", "text": "Does this image show a plane? The answer must be always yes or no.", "expected": "no"}
+
+
+def synthetic_image(kind: str, rng: np.random.Generator) -> Image.Image:
+    """32x32 images whose class is visible: a disc, a square or stripes on noise."""
+    img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:32, :32]
+    if kind == "circle":
+        mask = (yy - 16) ** 2 + (xx - 16) ** 2 < 100
+    elif kind == "square":
+        mask = (abs(yy - 16) < 9) & (abs(xx - 16) < 9)
+    else:
+        mask = (xx // 4) % 2 == 0
+    img[mask] = rng.integers(180, 256, 3, dtype=np.uint8)
+    return Image.fromarray(img)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for kind in CLASSES:
+        (root / kind).mkdir()
+        for i in range(8):
+            synthetic_image(kind, rng).save(root / kind / f"{kind}_{i}.png")
+    return root
+
+
+def tiny_config(images: Path, *, variants=(LEXICAL,), models=None) -> dict:
+    return {
+        "seed": 0,
+        "results": "results",
+        "dataset": {"root": str(images), "train_per_class": 4, "test_per_class": 3},
+        "models": models or {"tiny-llava": {"recipe": "tiny-llava", "num_layers": 2, "device": "cpu", "batch_size": 4}},
+        "prompts": {"anchor": dict(ANCHOR), "variants": [dict(v) for v in variants]},
+        "probe": {"cv_folds": 2, "Cs": [0.1, 1.0], "max_iter": 200},
+        "evaluate": {"n_bootstrap": 50},
+    }
+
+
+def write_config(workdir: Path, cfg: dict, name: str = "config.yaml") -> Path:
+    path = workdir / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(workdir),
+        "--configfile", str(configfile),
+        "--replace-workflow-config",
+        "--workflow-profile", "none",
+        *args,
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"}
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=1800)
+
+
+def job_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table ({} when there is nothing to do)."""
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:", 1)[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        match = re.match(r"^(\S+)\s+(\d+)\s*$", line)
+        if not match:
+            break
+        counts[match.group(1)] = int(match.group(2))
+    assert counts.pop("total") == sum(counts.values())
+    return counts
+
+
+def dry_run(workdir: Path, cfg: dict, name: str = "config.yaml") -> dict[str, int]:
+    return job_counts(snakemake(workdir, write_config(workdir, cfg, name), "--dry-run", "--quiet", "rules"))
+
+
+def expected_analysis(layers_by_model: dict[str, int], n_prompts: int) -> dict[str, int]:
+    """Jobs of the analysis rules for fresh models (one figures job per model + the depth panel)."""
+    n_layers = sum(layers_by_model.values())
+    return {
+        "train_probe": n_layers,
+        "evaluate": n_layers * n_prompts,
+        "aggregate": len(layers_by_model),
+    }
+
+
+def analysis_part(counts: dict[str, int]) -> dict[str, int]:
+    return {rule: counts.get(rule, 0) for rule in ("train_probe", "evaluate", "aggregate")}
+
+
+# --- dry runs ---------------------------------------------------------------------------------
+
+
+@NEEDS_SCRIPTS
+def test_dry_run_schedules_one_pass_per_split_and_prompt(images, tmp_path):
+    counts = dry_run(tmp_path, tiny_config(images, variants=(LEXICAL, NEGATION)))
+    assert counts["prepare_dataset"] == 1
+    assert counts["build_model"] == 1
+    # train split for the anchor only, test split for every prompt (anchor + 2 variants)
+    assert counts["extract_tiny_llava"] == 1 + 3
+    assert counts["all"] == 1
+    if HAS_ANALYSIS:
+        assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3)
+        assert counts.get("figures", 0) >= 1
+
+
+@NEEDS_SCRIPTS
+def test_dry_run_with_two_models_and_a_layer_subset(images, tmp_path):
+    models = {
+        "tiny-llava": {"recipe": "tiny-llava", "num_layers": 2, "device": "cpu"},
+        "tiny-qwen2-vl": {"recipe": "tiny-qwen2-vl", "num_layers": 4, "layers": [0, 2, 4], "device": "cpu"},
+        "switched-off": {"recipe": "tiny-llava-next", "num_layers": 2, "enabled": False},
+    }
+    counts = dry_run(tmp_path, tiny_config(images, models=models))
+    assert counts["build_model"] == 2
+    assert counts["extract_tiny_llava"] == 1 + 2
+    assert counts["extract_tiny_qwen2_vl"] == 1 + 2
+    assert not any("next" in rule for rule in counts)
+    if HAS_ANALYSIS:
+        assert analysis_part(counts) == expected_analysis({"tiny-llava": 3, "tiny-qwen2-vl": 3}, 2)
+
+
+def test_invalid_config_stops_with_the_key_named(images, tmp_path):
+    cfg = tiny_config(images)
+    cfg["models"]["tiny-llava"]["dtype"] = "float64"
+    cfg["prompts"]["variants"][0]["id"] = "anchor"
+    result = snakemake(tmp_path, write_config(tmp_path, cfg), "--dry-run")
+    assert result.returncode != 0
+    err = result.stdout + result.stderr
+    assert "config error at models.tiny-llava.dtype: 'float64' is not one of ['float32', 'bfloat16', 'float16']" in err
+    assert "Traceback" not in err
+
+
+def test_missing_dataset_root_is_reported(images, tmp_path):
+    cfg = tiny_config(images)
+    cfg["dataset"]["root"] = str(tmp_path / "no-such-folder")
+    result = snakemake(tmp_path, write_config(tmp_path, cfg), "--dry-run")
+    assert result.returncode != 0
+    assert "no-such-folder" in result.stdout + result.stderr
+    assert "prepare_dataset" in result.stdout + result.stderr
+
+
+@NEEDS_SCRIPTS
+def test_paper_config_dry_run(tmp_path):
+    paper = REPO / "config" / "paper.yaml"
+    if not paper.exists():
+        pytest.skip("config/paper.yaml not written yet")
+    cfg = yaml.safe_load(paper.read_text())
+    # The paper's ImageNet tree is not here; any existing folder lets the run be planned.
+    cfg["dataset"]["root"] = str(tmp_path)
+    if cfg["dataset"].get("class_list"):
+        cfg["dataset"]["class_list"] = str(REPO / cfg["dataset"]["class_list"])
+    counts = dry_run(tmp_path, cfg)
+    n_prompts = 1 + len(cfg["prompts"].get("variants", []))
+    models = {name: m for name, m in cfg["models"].items() if m.get("enabled", True)}
+    for name in models:
+        rule = "extract_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+        assert counts[rule] == 1 + n_prompts
+    assert counts["prepare_dataset"] == 1
+
+
+# --- a real run -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(images, tmp_path_factory):
+    """The tiny config run to the end once; later tests plan changes against it."""
+    if MISSING_SCRIPTS:
+        pytest.skip(f"scripts not written yet: {MISSING_SCRIPTS}")
+    workdir = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(images)
+    result = snakemake(workdir, write_config(workdir, cfg), "--cores", "2")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return workdir, cfg
+
+
+@pytest.mark.slow
+def test_run_writes_the_documented_files(finished_run):
+    workdir, cfg = finished_run
+    res = workdir / "results"
+    assert (res / "data" / "manifest.parquet").is_file()
+    assert (res / "models" / "tiny-llava" / "config.json").is_file()
+    for split, prompt in [("train", "anchor"), ("test", "anchor"), ("test", "lex_picture")]:
+        for layer in (0, 1, 2):
+            assert (res / "tiny-llava" / "embeddings" / split / prompt / f"layer{layer}.parquet").is_file()
+        assert (res / "tiny-llava" / "answers" / split / f"{prompt}.parquet").is_file()
+        assert (workdir / "logs" / "extract_tiny-llava" / split / f"{prompt}.log").is_file()
+        assert (workdir / "benchmarks" / "extract_tiny-llava" / split / f"{prompt}.tsv").is_file()
+    assert not (res / "tiny-llava" / "embeddings" / "train" / "lex_picture").exists()
+    for log in ("prepare_dataset.log", "build_model/tiny-llava.log"):
+        assert (workdir / "logs" / log).is_file()
+        assert (workdir / "benchmarks" / log.replace(".log", ".tsv")).is_file()
+    if HAS_ANALYSIS:
+        for table in ("metrics", "stages", "behaviour"):
+            assert (res / "tiny-llava" / f"{table}.parquet").is_file()
+        for layer in (0, 1, 2):
+            assert (res / "tiny-llava" / "probes" / f"layer{layer}.safetensors").is_file()
+            for prompt in ("anchor", "lex_picture"):
+                assert (res / "tiny-llava" / "metrics" / prompt / f"layer{layer}.parquet").is_file()
+        for fmt in ("png", "svg", "vl.json"):
+            for figure in ("accuracy", "drop_heatmap", "answers"):
+                assert (res / "figures" / "tiny-llava" / f"{figure}.{fmt}").is_file()
+            assert (res / "figures" / f"depth_panel.{fmt}").is_file()
+
+
+@pytest.mark.slow
+def test_embeddings_follow_the_manifest(finished_run):
+    workdir, cfg = finished_run
+    manifest = pq.read_table(workdir / "results" / "data" / "manifest.parquet").to_pylist()
+    for split in ("train", "test"):
+        expected = {r["sample_id"]: r["label"] for r in manifest if r["split"] == split}
+        assert len(expected) == len(CLASSES) * cfg["dataset"][f"{split}_per_class"]
+        table = pq.read_table(workdir / "results" / "tiny-llava" / "embeddings" / split / "anchor" / "layer2.parquet")
+        got = dict(zip(table.column("sample_id").to_pylist(), table.column("label").to_pylist()))
+        assert got == expected
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(finished_run):
+    workdir, cfg = finished_run
+    assert dry_run(workdir, cfg) == {}
+
+
+@pytest.mark.slow
+@NEEDS_ANALYSIS
+def test_adding_a_variant_costs_only_its_jobs(finished_run):
+    workdir, cfg = finished_run
+    grown = {**cfg, "prompts": {**cfg["prompts"], "variants": [*cfg["prompts"]["variants"], dict(NEGATION)]}}
+    counts = dry_run(workdir, grown, "grown.yaml")
+    assert counts["extract_tiny_llava"] == 1  # the new prompt on the test split
+    assert counts["evaluate"] == 3  # one per layer
+    assert counts["aggregate"] == 1
+    assert counts.get("figures", 0) >= 1
+    for rule in ("train_probe", "prepare_dataset", "build_model"):
+        assert rule not in counts, counts
+
+
+@pytest.mark.slow
+@NEEDS_ANALYSIS
+def test_adding_a_model_costs_only_its_jobs(finished_run):
+    workdir, cfg = finished_run
+    models = {**cfg["models"], "tiny-qwen2-vl": {"recipe": "tiny-qwen2-vl", "num_layers": 2, "device": "cpu"}}
+    counts = dry_run(workdir, {**cfg, "models": models}, "two-models.yaml")
+    assert counts["build_model"] == 1
+    assert counts["extract_tiny_qwen2_vl"] == 1 + 2
+    assert analysis_part(counts) == expected_analysis({"tiny-qwen2-vl": 3}, 2)
+    assert counts.get("figures", 0) >= 1  # the new model's figures and the cross-model panel
+    for rule in ("extract_tiny_llava", "prepare_dataset"):
+        assert rule not in counts, counts
