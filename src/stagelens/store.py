@@ -23,6 +23,9 @@ import pyarrow.parquet as pq
 
 METADATA_KEY = b"stagelens"
 COMPRESSION = "zstd"
+# Batches are buffered up to this many bytes per file and written as one row group: few,
+# reasonably sized row groups, with memory bounded independently of the number of rows.
+ROW_GROUP_BYTES = 4 << 20
 _VECTOR_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 
@@ -50,7 +53,8 @@ def answers_schema(words: Sequence[str], metadata: Mapping[str, object]) -> pa.S
 
 def _vector_array(matrix: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
     """(n, D) matrix -> fixed_size_list array without a Python-level loop."""
-    matrix = np.ascontiguousarray(matrix, dtype=value_type.to_pandas_dtype())
+    # A copy, so a buffered batch never pins the caller's (possibly much larger) array.
+    matrix = np.array(matrix, dtype=value_type.to_pandas_dtype(), order="C", copy=True)
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-D (n, D) matrix, got shape {matrix.shape}")
     flat = pa.array(matrix.reshape(-1), type=value_type)
@@ -83,9 +87,10 @@ class ParquetStreamWriter:
     Writes to a hidden temporary file next to the target; `commit()` closes it and moves it
     into place with os.replace, `abort()` deletes it. Used as a context manager it aborts on
     an exception but does NOT commit on success (callers commit all outputs together).
+    Batches are buffered up to `row_group_bytes` and written as one row group.
     """
 
-    def __init__(self, path: str | os.PathLike, schema: pa.Schema):
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema, row_group_bytes: int = ROW_GROUP_BYTES):
         self.path = Path(path)
         self.schema = schema
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +101,9 @@ class ParquetStreamWriter:
             self.tmp_path, schema, compression=COMPRESSION
         )
         self.rows = 0
+        self.row_group_bytes = row_group_bytes
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_bytes = 0
 
     def write(self, columns: Mapping[str, object]) -> None:
         """Append one batch given as a column-name -> values mapping."""
@@ -104,13 +112,24 @@ class ParquetStreamWriter:
     def write_batch(self, batch: pa.RecordBatch) -> None:
         if self._writer is None:
             raise RuntimeError(f"writer for {self.path} is already closed")
-        self._writer.write_batch(batch)
+        self._pending.append(batch)
+        self._pending_bytes += batch.nbytes
         self.rows += batch.num_rows
+        if self._pending_bytes >= self.row_group_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending and self._writer is not None:
+            table = pa.Table.from_batches(self._pending, schema=self.schema)
+            self._writer.write_table(table, row_group_size=table.num_rows)
+        self._pending = []
+        self._pending_bytes = 0
 
     def commit(self) -> Path:
         """Close the temporary file and move it onto the target path."""
         if self._writer is None:
             raise RuntimeError(f"writer for {self.path} is already closed")
+        self._flush()
         self._writer.close()
         self._writer = None
         os.replace(self.tmp_path, self.path)
@@ -118,6 +137,7 @@ class ParquetStreamWriter:
 
     def abort(self) -> None:
         """Drop everything written so far; safe to call more than once."""
+        self._pending = []
         if self._writer is not None:
             try:
                 self._writer.close()

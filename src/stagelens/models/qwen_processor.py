@@ -42,18 +42,36 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
-def load_qwen2_vl_processor(path: str | os.PathLike, revision: str | None = None, **image_kwargs):
+def cap_max_pixels(image_processor, max_pixels: int) -> None:
+    """Cap the pixels (so the image tokens) per image: size.longest_edge is Qwen2-VL's max_pixels.
+
+    Set on the loaded image processor rather than passed as a call kwarg (deprecated in 5.x);
+    min_pixels is lowered to the cap where it was above it.
+    """
+    from transformers.image_processing_utils import SizeDict
+
+    size = {k: v for k, v in dict(image_processor.size).items() if v is not None}
+    size["longest_edge"] = int(max_pixels)
+    size["shortest_edge"] = min(int(size.get("shortest_edge", max_pixels)), int(max_pixels))
+    image_processor.size = SizeDict(**size)
+
+
+def load_qwen2_vl_processor(path: str | os.PathLike, revision: str | None = None, max_pixels: int | None = None):
     """AutoProcessor where torchvision exists; the image-only processor (PIL backend) otherwise.
 
-    image_kwargs (e.g. max_pixels) override the saved image processor settings. A checkpoint
-    saved without a video processor (the tiny recipes built without torchvision) also takes
-    the image-only path.
+    A checkpoint saved without a video processor (the tiny recipes built without torchvision)
+    also takes the image-only path. max_pixels, where given, caps the image tokens.
     """
+    processor = None
     if torchvision_available():
         try:
-            return AutoProcessor.from_pretrained(path, revision=revision, **image_kwargs)
+            processor = AutoProcessor.from_pretrained(path, revision=revision)
         except OSError as err:
             if "video processor" not in str(err):
                 raise
-        return Qwen2VLImageOnlyProcessor.from_pretrained(path, revision=revision, **image_kwargs)
-    return Qwen2VLImageOnlyProcessor.from_pretrained(path, revision=revision, backend="pil", **image_kwargs)
+            processor = Qwen2VLImageOnlyProcessor.from_pretrained(path, revision=revision)
+    else:
+        processor = Qwen2VLImageOnlyProcessor.from_pretrained(path, revision=revision, backend="pil")
+    if max_pixels is not None:
+        cap_max_pixels(processor.image_processor, max_pixels)
+    return processor

@@ -258,3 +258,22 @@ def build(recipe: str, out_dir: str | os.PathLike, seed: int = 0, hidden_size: i
     torch.manual_seed(seed)
     _BUILDERS[recipe](out, hidden_size, num_layers)
     return out
+
+
+def build_atomic(recipe: str, out_dir: str | os.PathLike, seed: int = 0, **sizes: int) -> Path:
+    """`build` into a temporary sibling directory, then rename it onto out_dir."""
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        build(recipe, tmp, seed, **sizes)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

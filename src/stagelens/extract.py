@@ -1,0 +1,190 @@
+"""Stream one split of the manifest through a model once and write every layer's embedding file.
+
+One forward pass per batch yields all layers; each layer's vectors go to their own Parquet
+writer, the model's answer-word probabilities to the answers file. Outputs appear only after
+the last batch (temporary files + os.replace); any exception removes the temporary files.
+Memory stays flat in the number of images: images are opened per batch and the writers flush
+bounded row groups.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from stagelens import __version__
+from stagelens.models.base import ANSWER_WORDS, POSITIONS, LayerConvention, ModelAdapter
+from stagelens.store import EmbeddingWriter, ParquetStreamWriter, answers_schema
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One manifest row as extraction needs it."""
+
+    sample_id: str
+    label: int
+    path: str
+
+
+def read_split(manifest_path: str | os.PathLike, split: str, image_root: str | os.PathLike | None = None) -> list[Sample]:
+    """The manifest rows of one split, in manifest order; relative paths resolved against image_root."""
+    table = pq.read_table(manifest_path, columns=["sample_id", "split", "label", "path"])
+    rows = [r for r in table.to_pylist() if r["split"] == split]
+    if not rows:
+        raise ValueError(f"{manifest_path}: no rows with split == {split!r}")
+    root = Path(image_root) if image_root is not None else None
+    return [
+        Sample(r["sample_id"], int(r["label"]), str(root / r["path"]) if root and not os.path.isabs(r["path"]) else r["path"])
+        for r in rows
+    ]
+
+
+def load_image(path: str) -> Image.Image:
+    """An RGB image fully read into memory (the file handle is closed at once)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[Sequence[Sample]]:
+    for start in range(0, len(samples), batch_size):
+        yield samples[start : start + batch_size]
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "stagelens_version": __version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def run_metadata(
+    adapter: ModelAdapter, model_name: str, prompt: Mapping[str, str], split: str, positions: Sequence[str]
+) -> dict[str, object]:
+    """Metadata shared by every file of one extraction (the layer is added per file)."""
+    info = adapter.info
+    return {
+        "model_id": info.model_id,
+        "model_name": model_name,
+        "revision": info.revision,
+        "architecture": info.architecture,
+        "dtype": info.dtype,
+        "device": info.device,
+        "num_layers": info.num_layers,
+        "hidden_size": info.hidden_size,
+        "layer_convention": LayerConvention().description,
+        "prompt_id": prompt["id"],
+        "prompt_family": prompt.get("family"),
+        "prompt_text": prompt["text"],
+        "prompt_expected": prompt.get("expected"),
+        "rendered_prompt": adapter.render_prompt(prompt["text"]),
+        "split": split,
+        "positions": list(positions),
+        "answer_words": list(ANSWER_WORDS),
+        "adapter": dict(getattr(adapter, "extra_metadata", {}) or {}),
+        **versions(),
+    }
+
+
+def check_request(
+    adapter: ModelAdapter,
+    layers: Sequence[int],
+    positions: Sequence[str],
+    embedding_paths: Sequence[str | os.PathLike],
+    num_layers: int | None,
+    model_name: str,
+) -> None:
+    """Clear errors for a config that does not fit the model, before any work is done."""
+    actual = adapter.info.num_layers
+    if num_layers is not None and int(num_layers) != actual:
+        raise ValueError(
+            f"models.{model_name}.num_layers is {num_layers} in the config, but {adapter.info.model_id} "
+            f"has {actual} decoder blocks: set num_layers: {actual}"
+        )
+    bad = [layer for layer in layers if not 0 <= int(layer) <= actual]
+    if bad:
+        raise ValueError(f"models.{model_name}.layers {bad} out of range 0..{actual}")
+    unknown = [p for p in positions if p not in POSITIONS]
+    if unknown:
+        raise ValueError(f"models.{model_name}.positions: unknown {unknown}; known: {list(POSITIONS)}")
+    if len(embedding_paths) != len(layers):
+        raise ValueError(f"{len(embedding_paths)} embedding paths for {len(layers)} layers")
+
+
+def extract(
+    adapter: ModelAdapter,
+    samples: Sequence[Sample],
+    prompt: Mapping[str, str],
+    layers: Sequence[int],
+    positions: Sequence[str],
+    batch_size: int,
+    embedding_paths: Sequence[str | os.PathLike],
+    answers_path: str | os.PathLike,
+    *,
+    model_name: str,
+    split: str,
+    num_layers: int | None = None,
+    vector_dtype: str = "float32",
+    progress: bool = True,
+) -> dict[str, object]:
+    """Write embedding_paths[i] (layer layers[i]) and answers_path for `samples` under `prompt`.
+
+    prompt: {"id", "text", "family", "expected"}. Returns a small summary (rows, seconds).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not samples:
+        raise ValueError("no samples to extract")
+    layers = [int(layer) for layer in layers]
+    check_request(adapter, layers, positions, embedding_paths, num_layers, model_name)
+    meta = run_metadata(adapter, model_name, prompt, split, positions)
+    dim = adapter.info.hidden_size
+    writers: list[ParquetStreamWriter] = []
+    start = time.perf_counter()
+    try:
+        emb_writers = []
+        for layer, path in zip(layers, embedding_paths):
+            emb_writers.append(EmbeddingWriter(path, dim, positions, {**meta, "layer": layer}, vector_dtype))
+            writers.append(emb_writers[-1])
+        answers = ParquetStreamWriter(answers_path, answers_schema(ANSWER_WORDS, meta))
+        writers.append(answers)
+        with tqdm(total=len(samples), unit="img", file=sys.stderr, disable=not progress, desc=f"extract {split}/{prompt['id']}") as bar:
+            for batch in batches(samples, batch_size):
+                out = adapter.forward([load_image(s.path) for s in batch], prompt["text"], layers, positions)
+                ids = [s.sample_id for s in batch]
+                labels = np.asarray([s.label for s in batch], dtype=np.int32)
+                for i, writer in enumerate(emb_writers):
+                    writer.append(ids, labels, {pos: out.vectors[pos][i] for pos in positions})
+                probs = np.asarray(out.answer_probs, dtype=np.float32)
+                answers.write(
+                    {
+                        "sample_id": ids,
+                        "label": labels,
+                        **{f"p_{w}": probs[:, j] for j, w in enumerate(ANSWER_WORDS)},
+                        "answer": [ANSWER_WORDS[j] for j in probs.argmax(axis=1)],
+                        "n_image_tokens": np.asarray(out.n_image_tokens, dtype=np.int32),
+                    }
+                )
+                bar.update(len(batch))
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    for writer in writers:
+        writer.commit()
+    return {"rows": len(samples), "seconds": time.perf_counter() - start, "layers": layers}

@@ -1,0 +1,292 @@
+"""Adapters on tiny models of the real architectures, checked against plain transformers calls."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stagelens.models import load_adapter, register_adapter
+from stagelens.models.base import ANSWER_WORDS
+from stagelens.models.layers import LayerCapture, find_decoder_layers, last_token_index
+from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
+
+CFG = {"dtype": "float32", "device": "cpu", "revision": "main"}
+QUESTION = "Does this image show an animal? The answer must be always yes or no."
+RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dirs):
+    return {recipe: load_adapter(dict(CFG), str(path)) for recipe, path in tiny_model_dirs.items()}
+
+
+def load_images(rows, n):
+    return [Image.open(path).convert("RGB") for _, _, path in rows[:n]]
+
+
+def reference_states(adapter, images):
+    """Plain forward with output_hidden_states=True plus an independent full-output hook on the last block."""
+    model = adapter.model
+    inputs = adapter.build_inputs(images, QUESTION)
+    kwargs = adapter.model_kwargs(inputs)
+    last_block_out = {}
+
+    def keep(_module, _args, output):
+        last_block_out["h"] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+    handle = model.model.language_model.layers[-1].register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            out = model(**kwargs, output_hidden_states=True, use_cache=False)
+    finally:
+        handle.remove()
+    return inputs, out, last_block_out["h"]
+
+
+def at_positions(hidden: torch.Tensor, image_mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(last token, mean over image tokens) per row, computed in float64 with plain indexing."""
+    h = hidden.double()
+    last = h[:, -1, :]
+    means = torch.stack([h[b][image_mask[b]].mean(0) for b in range(h.shape[0])])
+    return last.numpy(), means.numpy()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_vectors_equal_output_hidden_states(adapters, image_rows, recipe):
+    adapter = adapters[recipe]
+    images = load_images(image_rows, 4)
+    L = adapter.info.num_layers
+    got = adapter.forward(images, QUESTION, list(range(L + 1)), ["last", "image_mean"])
+    inputs, out, last_block = reference_states(adapter, images)
+    image_mask = inputs["input_ids"] == adapter.model.config.image_token_id
+    assert len(out.hidden_states) == L + 1
+    for layer in range(L):
+        last, mean = at_positions(out.hidden_states[layer], image_mask)
+        np.testing.assert_allclose(got.vectors["last"][layer], last, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got.vectors["image_mean"][layer], mean, atol=1e-5, rtol=1e-5)
+    # Layer L is the pre-norm output of the last block, not hidden_states[-1] (post final norm).
+    last, mean = at_positions(last_block, image_mask)
+    np.testing.assert_allclose(got.vectors["last"][L], last, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got.vectors["image_mean"][L], mean, atol=1e-5, rtol=1e-5)
+    post_norm_last, _ = at_positions(out.hidden_states[-1], image_mask)
+    assert not np.allclose(got.vectors["last"][L], post_norm_last, atol=1e-3)
+    norm = adapter.model.model.language_model.norm
+    with torch.no_grad():
+        renormed = norm(torch.from_numpy(got.vectors["last"][L])).numpy()
+    np.testing.assert_allclose(renormed, post_norm_last, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(got.n_image_tokens, image_mask.sum(1).numpy())
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_answer_probs_are_softmax_of_last_logits(adapters, image_rows, recipe):
+    adapter = adapters[recipe]
+    images = load_images(image_rows, 3)
+    got = adapter.forward(images, QUESTION, [0], ["last"])
+    inputs, out, _ = reference_states(adapter, images)
+    probs = torch.softmax(out.logits[:, -1, :].double(), dim=-1).numpy()
+    tok = adapter.processor.tokenizer
+    for j, word in enumerate(ANSWER_WORDS):
+        ids = adapter.answer_ids[word]
+        assert {tok.decode([i]).strip() for i in ids} <= {word, word[:1]}
+        np.testing.assert_allclose(got.answer_probs[:, j], probs[:, ids].max(axis=1), rtol=1e-5, atol=1e-7)
+    assert got.answer_probs.shape == (3, len(ANSWER_WORDS))
+    assert (got.answer_probs.sum(axis=1) <= 1 + 1e-6).all() and (got.answer_probs >= 0).all()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_batch_of_one_equals_batch_of_four(adapters, image_rows, recipe):
+    adapter = adapters[recipe]
+    images = load_images(image_rows, 4)
+    layers = list(range(adapter.info.num_layers + 1))
+    batched = adapter.forward(images, QUESTION, layers, ["last", "image_mean"])
+    for i, image in enumerate(images):
+        single = adapter.forward([image], QUESTION, layers, ["last", "image_mean"])
+        for pos in ("last", "image_mean"):
+            np.testing.assert_allclose(batched.vectors[pos][:, i], single.vectors[pos][:, 0], atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(batched.answer_probs[i], single.answer_probs[0], atol=1e-6, rtol=1e-4)
+
+
+def test_layer_subset_keeps_requested_order(adapters, image_rows):
+    adapter = adapters["tiny-llava"]
+    images = load_images(image_rows, 2)
+    full = adapter.forward(images, QUESTION, [0, 1, 2, 3, 4], ["last"])
+    subset = adapter.forward(images, QUESTION, [4, 0, 2], ["image_mean", "last"])
+    np.testing.assert_allclose(subset.vectors["last"], full.vectors["last"][[4, 0, 2]], atol=1e-6)
+    with pytest.raises(ValueError, match="out of range"):
+        adapter.forward(images, QUESTION, [5], ["last"])
+
+
+def test_decoder_layers_found_in_each_architecture(adapters):
+    for adapter in adapters.values():
+        assert adapter.blocks is adapter.model.model.language_model.layers
+        assert len(adapter.blocks) == adapter.info.num_layers == 4
+
+
+class _Wrapper(nn.Module):
+    """A custom MLLM-like module: a vision block list of the same length and a wrapped causal LM."""
+
+    def __init__(self, with_config: bool):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                          num_attention_heads=2, num_key_value_heads=1)
+        self.vision_blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.lm = LlamaForCausalLM(cfg)
+        if with_config:
+            self.config = cfg
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_decoder_layers_found_in_custom_wrapper(with_config):
+    wrapper = _Wrapper(with_config)
+    assert find_decoder_layers(wrapper) is wrapper.lm.model.layers
+    assert find_decoder_layers(wrapper.lm) is wrapper.lm.model.layers
+
+
+def test_capture_on_plain_causal_lm_matches_hidden_states():
+    wrapper = _Wrapper(with_config=False)
+    lm = wrapper.lm.eval()
+    ids = torch.tensor([[1, 5, 7, 9, 3], [2, 4, 6, 8, 10]])
+    mask = torch.ones_like(ids)
+    image_mask = torch.zeros_like(ids, dtype=torch.bool)
+    image_mask[:, 1:3] = True
+    capture = LayerCapture(find_decoder_layers(lm), [0, 1, 2], ["last", "image_mean"])
+    capture.set_batch(last_token_index(mask), image_mask)
+    with torch.no_grad(), capture.attached():
+        out = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    vec = capture.vectors()
+    for layer in range(3):
+        np.testing.assert_allclose(vec["last"][layer], out.hidden_states[layer][:, -1].numpy(), atol=1e-6)
+        np.testing.assert_allclose(vec["image_mean"][layer], out.hidden_states[layer][:, 1:3].mean(1).numpy(), atol=1e-6)
+    # The hooks are gone after the block: a further forward captures nothing.
+    capture.set_batch(last_token_index(mask), image_mask)
+    with torch.no_grad():
+        lm(input_ids=ids, attention_mask=mask)
+    with pytest.raises(RuntimeError, match="no hidden state captured"):
+        capture.vectors()
+
+
+def test_last_token_index_handles_both_padding_sides():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [3, 2, 3]
+
+
+def test_prompt_uses_the_real_chat_templates(adapters):
+    q = "Is it?"
+    assert adapters["tiny-llava"].render_prompt(q) == "USER: <image>\nIs it? ASSISTANT:"
+    assert adapters["tiny-llava-next"].render_prompt(q) == (
+        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nIs it?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert adapters["tiny-qwen2-vl"].render_prompt(q) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>Is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_inputs_left_padded_with_one_bos(adapters, image_rows):
+    adapter = adapters["tiny-llava-next"]  # image-token count varies with aspect: padding needed
+    images = load_images(image_rows, 3)
+    inputs = build_inputs(adapter.processor, images, QUESTION)
+    tok = adapter.processor.tokenizer
+    mask = inputs["attention_mask"]
+    assert (mask[:, -1] == 1).all() and (mask[:, 0] == 0).any()
+    for row, m in zip(inputs["input_ids"], mask):
+        real = row[m.bool()].tolist()
+        assert real[0] == tok.bos_token_id and real.count(tok.bos_token_id) == 1
+    assert "image_sizes" in inputs
+
+
+def test_qwen2_vl_keeps_every_processor_key(adapters, image_rows):
+    inputs = adapters["tiny-qwen2-vl"].build_inputs(load_images(image_rows, 2), QUESTION)
+    assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"} <= set(inputs)
+    np.testing.assert_array_equal(
+        inputs["mm_token_type_ids"].bool().numpy(), (inputs["input_ids"] == adapters["tiny-qwen2-vl"].image_token_id).numpy()
+    )
+
+
+def test_qwen2_vl_max_pixels_changes_image_token_count(tiny_model_dirs):
+    path = str(tiny_model_dirs["tiny-qwen2-vl"])
+    image = [Image.fromarray(np.full((112, 224, 3), 128, dtype=np.uint8))]
+    default = load_adapter(dict(CFG), path)
+    capped = load_adapter({**CFG, "max_pixels": 4 * 28 * 28}, path)
+    n_default = int(default.forward(image, QUESTION, [0], ["last"]).n_image_tokens[0])
+    n_capped = int(capped.forward(image, QUESTION, [0], ["last"]).n_image_tokens[0])
+    assert n_capped < n_default
+    assert n_capped <= 4
+    assert capped.extra_metadata["max_pixels"] == 4 * 28 * 28
+
+
+def test_max_pixels_rejected_for_llava(tiny_model_dirs):
+    with pytest.raises(ValueError, match="max_pixels"):
+        load_adapter({**CFG, "max_pixels": 1000}, str(tiny_model_dirs["tiny-llava"]))
+
+
+def test_qwen2_vl_processor_without_torchvision(adapters):
+    from stagelens.models.qwen_processor import Qwen2VLImageOnlyProcessor, torchvision_available
+
+    processor = adapters["tiny-qwen2-vl"].processor
+    if torchvision_available():
+        pytest.skip("torchvision installed: the regular processor is used")
+    assert isinstance(processor, Qwen2VLImageOnlyProcessor)
+    assert type(processor.image_processor).__name__.endswith("Pil")
+
+
+def test_missing_weights_fail_loudly(tiny_model_dirs, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dirs["tiny-llava"], broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(k for k in weights if "language_model" in k and "layers.1." in k)
+    del weights[dropped]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing"):
+        load_adapter(dict(CFG), str(broken))
+
+
+def test_dtype_and_info(tiny_model_dirs):
+    adapter = load_adapter({**CFG, "dtype": "bfloat16"}, str(tiny_model_dirs["tiny-llava"]))
+    assert adapter.info.dtype == "bfloat16" and adapter.info.device == "cpu"
+    assert adapter.info.architecture == "LlavaForConditionalGeneration"
+    with pytest.raises(ValueError, match="dtype"):
+        load_adapter({**CFG, "dtype": "float64"}, str(tiny_model_dirs["tiny-llava"]))
+
+
+def test_registry_dispatches_on_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "stagelens-test-type"}))
+    calls = []
+    register_adapter("stagelens-test-type", lambda cfg, path: calls.append((cfg, path)) or "adapter")
+    assert load_adapter({"x": 1}, str(tmp_path)) == "adapter"
+    assert calls == [({"x": 1}, str(tmp_path))]
+
+
+def test_answer_token_ids_rejects_shared_first_token():
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return [ord(text.strip()[0].lower())]
+
+        def decode(self, ids):
+            return chr(ids[0])
+
+        def convert_ids_to_tokens(self, i):
+            return chr(i)
+
+    with pytest.raises(ValueError, match="share first token"):
+        answer_token_ids(Tok(), ["yes", "Yes"])
+
+
+def test_render_prompt_without_template_is_an_error(adapters):
+    processor = adapters["tiny-llava"].processor
+    template, processor.chat_template = processor.chat_template, None
+    try:
+        with pytest.raises(ValueError, match="chat template"):
+            render_prompt(processor, "hi")
+    finally:
+        processor.chat_template = template
