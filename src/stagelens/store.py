@@ -163,9 +163,10 @@ class EmbeddingWriter(ParquetStreamWriter):
         positions: Sequence[str],
         metadata: Mapping[str, object],
         vector_dtype: str = "float32",
+        row_group_bytes: int = ROW_GROUP_BYTES,
     ):
         self.positions = tuple(positions)
-        super().__init__(path, embedding_schema(dim, self.positions, metadata, vector_dtype))
+        super().__init__(path, embedding_schema(dim, self.positions, metadata, vector_dtype), row_group_bytes)
 
     def append(
         self, sample_ids: Sequence[str], labels: Sequence[int], vectors: Mapping[str, np.ndarray]

@@ -1,0 +1,166 @@
+"""Extraction end to end on tiny models: files, metadata, equality with direct forwards, atomicity."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from script_job import run_script
+from stagelens.extract import Sample, extract, read_split
+from stagelens.models import load_adapter
+from stagelens.models.base import ANSWER_WORDS
+from stagelens.store import read_metadata, read_vectors
+
+CFG = {"dtype": "float32", "device": "cpu", "revision": "main"}
+PROMPT = {"id": "anchor", "family": "anchor", "text": "Does this image show an animal? The answer must be always yes or no.",
+          "expected": "yes"}
+RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
+META_KEYS = {"model_id", "model_name", "revision", "architecture", "dtype", "device", "layer", "num_layers",
+             "layer_convention", "prompt_id", "prompt_family", "prompt_text", "rendered_prompt", "split",
+             "positions", "stagelens_version", "transformers_version", "torch_version"}
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dirs):
+    return {recipe: load_adapter(dict(CFG), str(path)) for recipe, path in tiny_model_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def samples(image_rows):
+    return [Sample(sid, label, path) for sid, label, path in image_rows]
+
+
+def outputs(root: Path, layers):
+    return [root / "emb" / f"layer{layer}.parquet" for layer in layers], root / "answers.parquet"
+
+
+def run(adapter, samples, root, layers=None, batch_size=3, **kw):
+    layers = list(range(adapter.info.num_layers + 1)) if layers is None else layers
+    emb, ans = outputs(root, layers)
+    extract(adapter, samples, PROMPT, layers, ["last", "image_mean"], batch_size, emb, ans,
+            model_name="tiny", split="test", progress=False, **kw)
+    return emb, ans
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_extract_end_to_end(adapters, samples, tmp_path, recipe):
+    adapter = adapters[recipe]
+    emb, ans = run(adapter, samples, tmp_path, num_layers=4)
+    images = [Image.open(s.path).convert("RGB") for s in samples]
+    direct = [adapter.forward([im], PROMPT["text"], list(range(5)), ["last", "image_mean"]) for im in images]
+    for layer, path in enumerate(emb):
+        meta = read_metadata(path)
+        assert META_KEYS <= set(meta)
+        assert meta["layer"] == layer and meta["num_layers"] == 4 and meta["split"] == "test"
+        assert meta["rendered_prompt"] == adapter.render_prompt(PROMPT["text"])
+        assert meta["architecture"] == adapter.info.architecture and meta["positions"] == ["last", "image_mean"]
+        for pos in ("last", "image_mean"):
+            ids, labels, vectors = read_vectors(path, pos)
+            assert ids.tolist() == [s.sample_id for s in samples]
+            assert labels.tolist() == [s.label for s in samples]
+            expected = np.stack([d.vectors[pos][layer, 0] for d in direct])
+            np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=1e-4)
+    answers = pq.read_table(ans).to_pydict()
+    assert answers["sample_id"] == [s.sample_id for s in samples]
+    probs = np.array([answers[f"p_{w}"] for w in ANSWER_WORDS]).T
+    np.testing.assert_allclose(probs, np.concatenate([d.answer_probs for d in direct]), atol=1e-6, rtol=1e-4)
+    assert answers["answer"] == [ANSWER_WORDS[j] for j in probs.argmax(1)]
+    assert answers["n_image_tokens"] == [int(d.n_image_tokens[0]) for d in direct]
+    assert "layer" not in read_metadata(ans) and read_metadata(ans)["prompt_id"] == "anchor"
+    assert sorted(os.listdir(tmp_path / "emb")) == sorted(p.name for p in emb)
+
+
+def test_outputs_read_as_is_by_polars_pandas_duckdb(adapters, samples, tmp_path):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    emb, ans = run(adapters["tiny-qwen2-vl"], samples, tmp_path, layers=[2])
+    _, _, vectors = read_vectors(emb[0], "last")
+    frame = pl.read_parquet(emb[0])
+    np.testing.assert_array_equal(frame["last"].to_numpy(), vectors)
+    assert pd.read_parquet(emb[0]).shape == (len(samples), 4)
+    count, width = duckdb.connect().execute(
+        f"SELECT count(*), max(len(image_mean)) FROM read_parquet('{emb[0]}')").fetchone()
+    assert (count, width) == (len(samples), 64)
+    assert pl.read_parquet(ans).height == pd.read_parquet(ans).shape[0] == len(samples)
+
+
+class _FailingAdapter:
+    """Delegates to a real adapter, then fails on the n-th batch."""
+
+    def __init__(self, adapter, fail_at: int):
+        self.adapter, self.fail_at, self.calls = adapter, fail_at, 0
+        self.info = adapter.info
+
+    def render_prompt(self, question):
+        return self.adapter.render_prompt(question)
+
+    def forward(self, *args):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("simulated failure mid-way")
+        return self.adapter.forward(*args)
+
+
+def test_failure_mid_way_leaves_no_output(adapters, samples, tmp_path):
+    failing = _FailingAdapter(adapters["tiny-llava"], fail_at=2)
+    with pytest.raises(RuntimeError, match="mid-way"):
+        run(failing, samples, tmp_path, batch_size=2)
+    assert failing.calls == 2
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_unreadable_image_is_a_clear_error_and_leaves_no_output(adapters, samples, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        run(adapters["tiny-llava"], [*samples[:2], Sample("x/broken", 0, str(bad))], tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+def test_num_layers_mismatch_is_a_clear_error(adapters, samples, tmp_path):
+    with pytest.raises(ValueError, match=r"num_layers is 32 .* has 4 decoder blocks"):
+        run(adapters["tiny-llava"], samples, tmp_path, num_layers=32)
+    assert not (tmp_path / "emb").exists()
+
+
+def test_read_split_filters_and_resolves_relative_paths(tmp_path):
+    table = pa.table({"sample_id": ["a/1", "a/2", "b/3"], "split": ["train", "test", "test"],
+                      "label": pa.array([0, 0, 1], pa.int32()), "class_name": ["A", "A", "B"],
+                      "path": ["imgs/a/1.png", "/abs/a/2.png", "imgs/b/3.png"]})
+    pq.write_table(table, tmp_path / "manifest.parquet")
+    rows = read_split(tmp_path / "manifest.parquet", "test", image_root=tmp_path)
+    assert rows == [Sample("a/2", 0, "/abs/a/2.png"), Sample("b/3", 1, str(tmp_path / "imgs/b/3.png"))]
+    with pytest.raises(ValueError, match="validation"):
+        read_split(tmp_path / "manifest.parquet", "validation")
+
+
+def test_job_scripts_build_and_extract(tmp_path, image_rows):
+    model_dir = tmp_path / "models" / "tiny-llava"
+    run_script("build_model.py", input={}, output={"model": model_dir}, log=tmp_path / "build.log",
+               params={"recipe": "tiny-llava", "seed": 0, "num_layers": 3})
+    assert (model_dir / "config.json").exists() and not list(model_dir.parent.glob(".*tmp"))
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({
+        "sample_id": [r[0] for r in image_rows], "split": ["test"] * len(image_rows),
+        "label": pa.array([r[1] for r in image_rows], pa.int32()), "class_name": ["c"] * len(image_rows),
+        "path": [r[2] for r in image_rows]}), manifest)
+    layers = [0, 3]
+    emb = [tmp_path / "emb" / f"layer{layer}.parquet" for layer in layers]
+    model_cfg = {**CFG, "batch_size": 4, "num_layers": 3, "positions": ["last"]}
+    run_script("extract.py", input={"manifest": manifest, "model": model_dir},
+               output={"embeddings": emb, "answers": tmp_path / "answers.parquet"}, log=tmp_path / "extract.log",
+               params={"model_name": "tiny-llava", "model": model_cfg, "model_path": str(model_dir),
+                       "prompt": PROMPT, "split": "test", "layers": layers, "positions": ["last"]})
+    ids, _, vectors = read_vectors(emb[1], "last")
+    assert ids.tolist() == [r[0] for r in image_rows] and vectors.shape == (len(image_rows), 64)
+    assert read_metadata(emb[1])["layer"] == 3 and read_metadata(emb[1])["model_name"] == "tiny-llava"
+    assert "wrote 7 rows x 2 layers" in (tmp_path / "extract.log").read_text()
