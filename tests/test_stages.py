@@ -71,6 +71,15 @@ def test_control_drop_must_be_exceeded_by_min_drop_not_just_matched():
     assert run(planted)["visual_grounding"] == (0, 12)
 
 
+def test_format_leading_a_persistent_negation_drop_is_answer_decoding():
+    """Negation still reacts in the last layers; where format drops clearly more, decoding starts."""
+    planted = {**PAPER_LIKE, "neg_plane": {**PAPER_LIKE["neg_plane"], **block(range(9, 13), 0.2)},
+               "fmt_10": {10: 0.22, 11: 0.3, 12: 0.4}}
+    result = run(planted)
+    assert result["semantic_reasoning"] == (6, 10)  # layer 10: format 0.22 is not 0.05 beyond 0.2
+    assert result["answer_decoding"] == (11, 12)
+
+
 def test_no_reaction_means_grounding_everywhere():
     result = run({})
     assert result["visual_grounding"] == (0, 12)

@@ -60,13 +60,3 @@ def stages_table(metrics: pl.DataFrame, num_layers: int, min_drop: float, alpha:
         )
     return pl.concat(frames).select("model", "position", pl.exclude("model", "position"))
 
-
-def reactions_table(metrics: pl.DataFrame, min_drop: float, alpha: float) -> pl.DataFrame:
-    """Per-layer reactions of every token position (for figures and inspection)."""
-    frames = [
-        layer_reactions(part, min_drop, alpha).with_columns(
-            pl.lit(model).alias("model"), pl.lit(position).alias("position")
-        )
-        for (model, position), part in metrics.group_by("model", "position", maintain_order=True)
-    ]
-    return pl.concat(frames)

@@ -71,15 +71,11 @@ def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
         "position", "layer", "prompt", "family", "series", "family_rank", "accuracy",
         "accuracy_ci_low", "accuracy_ci_high", "control_accuracy", "chance", "n",
     )
-    control = (
-        data.filter(pl.col("family") == "anchor")
-        .select("position", "layer", pl.col("control_accuracy").alias("accuracy"))
-        .with_columns(pl.lit("shuffled-label control").alias("series"))
-    )
-    chance = data.group_by("position").agg(pl.col("chance").mean())
-    color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(data), sort=_series_order(data))
+    color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(data), sort=_series_order(data),
+                      legend=alt.Legend(symbolType="stroke", symbolOpacity=1, symbolStrokeWidth=3))
     x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1))
     y_scale = alt.Scale(domain=[0, 1])
+    # Every layer reads the one faceted data set (a layer with its own data would not be faceted).
     band = alt.Chart().mark_area(opacity=0.12).encode(
         x=x, y=alt.Y("accuracy_ci_low:Q", scale=y_scale), y2="accuracy_ci_high:Q", color=color
     )
@@ -90,10 +86,15 @@ def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
         tooltip=["series", "layer", alt.Tooltip("accuracy:Q", format=".3f"),
                  alt.Tooltip("accuracy_ci_low:Q", format=".3f"), alt.Tooltip("accuracy_ci_high:Q", format=".3f"), "n"],
     )
-    control_line = alt.Chart(control).mark_line(color="#7f7f7f", strokeDash=[5, 3]).encode(x=x, y="accuracy:Q")
-    chance_rule = alt.Chart(chance).mark_rule(color="#7f7f7f", strokeDash=[1, 3]).encode(y="chance:Q")
+    control_line = (
+        alt.Chart()
+        .transform_filter(alt.datum.family == "anchor")
+        .mark_line(color="#7f7f7f", strokeDash=[5, 3])
+        .encode(x=x, y="control_accuracy:Q")
+    )
+    chance_rule = alt.Chart().mark_rule(color="#7f7f7f", strokeDash=[1, 3]).encode(y="mean(chance):Q")
     return (
-        alt.layer(band, lines, control_line, chance_rule, data=data)
+        alt.layer(band, lines, control_line, chance_rule)
         .properties(width=320, height=240)
         .facet(column=alt.Column("position:N", title="token position"), data=data)
         .properties(title=alt.Title(title, subtitle="bands: bootstrap CI; dashed grey: shuffled-label control probe; dotted: chance"))
@@ -120,7 +121,7 @@ def drop_heatmap(metrics: pl.DataFrame, title: str, alpha: float, min_drop: floa
         alt.datum.significant
     ).transform_calculate(star="'*'")
     return (
-        alt.layer(cells, marks, data=data)
+        alt.layer(cells, marks)
         .properties(width=alt.Step(16), height=alt.Step(22))
         .facet(row=alt.Row("position:N", title="token position"), data=data)
         .properties(title=alt.Title(title, subtitle=f"red: variant lowers accuracy; *: p < {alpha:g} and drop >= {min_drop:g}"))
@@ -148,7 +149,8 @@ def answers_chart(behaviour: pl.DataFrame, title: str) -> alt.Chart:
     bars = alt.Chart(long).mark_bar().encode(
         x=alt.X("share:Q", title="share of answers", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
         y=y,
-        color=alt.Color("answer:N", title="answer", scale=alt.Scale(domain=list(ANSWER_COLORS), range=list(ANSWER_COLORS.values()))),
+        color=alt.Color("answer:N", title="answer", legend=alt.Legend(orient="bottom"),
+                        scale=alt.Scale(domain=list(ANSWER_COLORS), range=list(ANSWER_COLORS.values()))),
         order=alt.Order("answer_rank:Q"),
         tooltip=["series", "answer", alt.Tooltip("share:Q", format=".1%")],
     )
@@ -164,8 +166,10 @@ def answers_chart(behaviour: pl.DataFrame, title: str) -> alt.Chart:
 
 def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> alt.VConcatChart:
     """Drop vs normalised depth per model (one row each), the detected stages shaded behind."""
+    variants = _series(metrics.filter((pl.col("position") == position) & (pl.col("family") != "anchor")))
+    color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(variants), sort=_series_order(variants))
     rows = []
-    for model in metrics["model"].unique(maintain_order=True).sort().to_list():
+    for model in metrics["model"].unique().sort().to_list():
         part = _series(metrics.filter((pl.col("model") == model) & (pl.col("position") == position)
                                        & (pl.col("family") != "anchor")))
         if part.is_empty():
@@ -188,7 +192,7 @@ def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> a
         ).encode(
             x=alt.X("depth:Q", scale=alt.Scale(domain=[0, 1])),
             y=alt.Y("drop:Q", title="accuracy drop vs anchor"),
-            color=alt.Color("series:N", title="prompt (family)", scale=_series_colors(part), sort=_series_order(part)),
+            color=color,
             tooltip=["series", "layer", alt.Tooltip("depth:Q", format=".2f"), alt.Tooltip("drop:Q", format=".3f")],
         )
         zero = alt.Chart(pl.DataFrame({"y": [0.0]})).mark_rule(color="#555555").encode(y="y:Q")
@@ -196,7 +200,7 @@ def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> a
             width=460, height=150, title=f"{model} (L = {num_layers}, position {position})"))
     if not rows:
         raise ValueError(f"no metrics rows for position {position!r}")
-    return alt.vconcat(*rows).resolve_scale(color="independent").properties(
+    return alt.vconcat(*rows).properties(
         title=alt.Title("Accuracy drop against the anchor across models",
                         subtitle="shaded: detected stages; x: layer / number of decoder blocks")
     )

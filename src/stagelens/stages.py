@@ -4,10 +4,11 @@ The rule (also in the README):
 1. A variant *reacts* at a layer when its paired drop against the anchor is significant
    (exact McNemar p < alpha), at least `min_drop`, and exceeds the largest drop of the neutral
    `control` variants at that layer by at least `min_drop` (a drop any edit would cause is no stage).
-2. Each layer gets one label: `semantic` when a negation variant reacts and its drop exceeds the
-   larger of the lexical and control drops by `min_drop`; else `lexical` when a lexical variant
-   reacts; else `format` when a format variant reacts and no lexical or negation variant does;
-   else `none`.
+2. Each layer gets one label: `format` when a format variant reacts and either no lexical or
+   negation variant reacts or the format drop exceeds the largest lexical and negation drops by
+   `min_drop` (the answer's form matters most there); else `semantic` when a negation variant
+   reacts and its drop exceeds the larger of the lexical and control drops by `min_drop`; else
+   `lexical` when a lexical variant reacts; else `none`.
 3. Visual grounding = the layers before the first labelled layer. Then, in the paper's order,
    each stage's onset is its first labelled layer at or after the previous stage's onset; a stage
    runs from its onset to the layer before the next found onset (the last to the last layer),
@@ -65,14 +66,19 @@ def layer_reactions(metrics: pl.DataFrame, min_drop: float, alpha: float) -> pl.
     semantic = pl.col("negation_reacts") & (
         pl.col("negation_drop") - pl.max_horizontal("lexical_drop", "control_drop") >= min_drop
     )
-    format_only = pl.col("format_reacts") & ~pl.col("lexical_reacts") & ~pl.col("negation_reacts")
+    # Late layers often still react to negation (the answer flips); format is read as the
+    # stage's signal where it reacts alone or clearly more than every other family.
+    format_led = pl.col("format_reacts") & (
+        (~pl.col("lexical_reacts") & ~pl.col("negation_reacts"))
+        | (pl.col("format_drop") - pl.max_horizontal("lexical_drop", "negation_drop") >= min_drop)
+    )
     label = (
-        pl.when(semantic)
+        pl.when(format_led)
+        .then(pl.lit("format"))
+        .when(semantic)
         .then(pl.lit("semantic"))
         .when(pl.col("lexical_reacts"))
         .then(pl.lit("lexical"))
-        .when(format_only)
-        .then(pl.lit("format"))
         .otherwise(pl.lit("none"))
     )
     return table.with_columns(label.alias("label")).sort("layer")

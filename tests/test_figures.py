@@ -1,0 +1,115 @@
+"""Figures: all three formats are written and the Vega-Lite specs plot what they claim."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from stagelens.aggregate import stages_table
+from stagelens.figures import accuracy_chart, answers_chart, depth_panel, drop_heatmap, save_chart
+
+PROMPTS = {"anchor": "anchor", "lex_picture": "lexical", "neg_plane": "negation", "fmt_10": "format",
+           "ctl_suffix": "control"}
+
+
+def _metrics(model: str, num_layers: int) -> pl.DataFrame:
+    rows = []
+    for position in ("last", "image_mean"):
+        for layer in range(num_layers + 1):
+            for prompt, family in PROMPTS.items():
+                drop = 0.3 if family == "negation" and layer > num_layers // 2 else 0.0
+                accuracy = 0.8 - drop
+                rows.append({
+                    "model": model, "revision": "main", "position": position, "layer": layer,
+                    "num_layers": num_layers, "depth": layer / num_layers, "prompt": prompt, "family": family,
+                    "n": 200, "chance": 0.1, "accuracy": accuracy, "accuracy_ci_low": accuracy - 0.05,
+                    "accuracy_ci_high": accuracy + 0.05, "control_accuracy": 0.11, "drop": drop,
+                    "drop_ci_low": drop - 0.04, "drop_ci_high": drop + 0.04, "drop_p": 1e-9 if drop else 0.6,
+                })
+    return pl.DataFrame(rows)
+
+
+def _behaviour() -> pl.DataFrame:
+    return pl.DataFrame([
+        {"prompt": p, "family": f, "expected": "no" if f == "negation" else "yes", "n": 200,
+         "share_yes": 0.7, "share_no": 0.2, "share_1": 0.05, "share_0": 0.0, "agreement": 0.7}
+        for p, f in PROMPTS.items()
+    ])
+
+
+def _spec_layers(spec: dict) -> list[dict]:
+    """Every unit spec (those with a mark) inside a facet/layer/concat spec."""
+    found = []
+    for key in ("spec", "layer", "vconcat", "hconcat", "concat"):
+        inner = spec.get(key)
+        for part in inner if isinstance(inner, list) else [inner] if inner else []:
+            found += _spec_layers(part)
+    return found + ([spec] if "mark" in spec else [])
+
+
+def _mark(unit: dict) -> str:
+    return unit["mark"] if isinstance(unit["mark"], str) else unit["mark"]["type"]
+
+
+def _fields(unit: dict) -> dict[str, str]:
+    return {channel: enc.get("field") or enc.get("aggregate", "") for channel, enc in unit["encoding"].items()
+            if isinstance(enc, dict)}
+
+
+def _save_and_load(chart, tmp_path, name: str) -> dict:
+    written = save_chart(chart, tmp_path / name)
+    assert [p.name for p in written] == [f"{name}.png", f"{name}.svg", f"{name}.vl.json"]
+    assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (tmp_path / f"{name}.svg").read_text()[:500]
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic: no temporary left behind
+    return json.loads((tmp_path / f"{name}.vl.json").read_text())
+
+
+def test_accuracy_chart_has_bands_lines_control_and_chance(tmp_path):
+    spec = _save_and_load(accuracy_chart(_metrics("m", 4), "m: accuracy"), tmp_path, "accuracy")
+    assert spec["$schema"].startswith("https://vega.github.io/schema/vega-lite/")
+    assert spec["facet"]["column"]["field"] == "position"
+    units = _spec_layers(spec)
+    by_mark = {_mark(u): _fields(u) for u in units}
+    assert by_mark["area"] == {"x": "layer", "y": "accuracy_ci_low", "y2": "accuracy_ci_high", "color": "series"}
+    assert by_mark["rule"]["y"] == "chance"
+    lines = [_fields(u) for u in units if _mark(u) == "line"]
+    assert any(f["x"] == "layer" and f["y"] == "accuracy" and f["color"] == "series" for f in lines)
+    assert any(f["y"] == "control_accuracy" for f in lines)
+    rows = list(spec["datasets"].values())[0]
+    assert len(rows) == 2 * 5 * len(PROMPTS)  # positions x layers x prompts, aggregated before plotting
+
+
+def test_drop_heatmap_encodes_drop_per_layer_and_prompt(tmp_path):
+    spec = _save_and_load(drop_heatmap(_metrics("m", 4), "m: drop", 0.05, 0.05), tmp_path, "drop_heatmap")
+    units = {_mark(u): _fields(u) for u in _spec_layers(spec)}
+    assert units["rect"]["x"] == "layer" and units["rect"]["y"] == "series" and units["rect"]["color"] == "drop"
+    assert "text" in units
+    rows = list(spec["datasets"].values())[0]
+    assert {r["series"] for r in rows} == {f"{p} ({f})" for p, f in PROMPTS.items() if f != "anchor"}
+    assert sum(r["significant"] for r in rows) == 2 * 2  # negation at layers 3, 4 in both positions
+
+
+def test_answers_chart_stacks_answer_shares(tmp_path):
+    spec = _save_and_load(answers_chart(_behaviour(), "m: answers"), tmp_path, "answers")
+    units = {_mark(u): _fields(u) for u in _spec_layers(spec)}
+    assert units["bar"]["x"] == "share" and units["bar"]["color"] == "answer"
+    bars = next(d for d in spec["datasets"].values() if "share" in d[0])
+    other = [r["share"] for r in bars if r["answer"] == "other"]
+    assert other == pytest.approx([0.05] * len(PROMPTS))
+
+
+def test_depth_panel_has_one_row_per_model_with_stage_bands(tmp_path):
+    metrics = pl.concat([_metrics("a", 4), _metrics("b", 8)])
+    stages = pl.concat([stages_table(_metrics("a", 4), 4, 0.05, 0.05), stages_table(_metrics("b", 8), 8, 0.05, 0.05)])
+    spec = _save_and_load(depth_panel(metrics, stages, "last"), tmp_path, "depth_panel")
+    assert len(spec["vconcat"]) == 2
+    units = [_fields(u) | {"mark": _mark(u)} for u in _spec_layers(spec)]
+    rects = [u for u in units if u["mark"] == "rect"]
+    assert all(u["x"] == "x0" and u["x2"] == "x1" and u["fill"] == "stage" for u in rects) and len(rects) == 2
+    assert sum(u["mark"] == "line" and u["x"] == "depth" and u["y"] == "drop" for u in units) == 2
+    band_rows = [r for d in spec["datasets"].values() for r in d if "stage" in r]
+    assert {r["stage"] for r in band_rows} == {"visual_grounding", "semantic_reasoning"}
+    assert all(0.0 <= r["x0"] < r["x1"] <= 1.0 for r in band_rows)
