@@ -14,17 +14,13 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
+include: "workflow/rules/embedded.smk"
 include: "workflow/rules/extract.smk"
-
-
-# Stages still being written by other hands join as soon as their file exists.
-for _stage in ("embedded", "probe", "report"):
-    if os.path.exists(os.path.join(workflow.basedir, f"workflow/rules/{_stage}.smk")):
-
-        include: f"workflow/rules/{_stage}.smk"
+include: "workflow/rules/probe.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
-        all_targets,
+        all_targets(),
     default_target: True

@@ -19,13 +19,6 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-RULES = REPO / "workflow" / "rules"
-HAS_ANALYSIS = (RULES / "probe.smk").exists() and (RULES / "report.smk").exists()
-NEEDS_ANALYSIS = pytest.mark.skipif(
-    not HAS_ANALYSIS, reason="workflow/rules/probe.smk and report.smk (train_probe, evaluate, aggregate, figures) not written yet"
-)
-MISSING_SCRIPTS = [s for s in ("build_model.py", "extract.py") if not (REPO / "scripts" / s).exists()]
-NEEDS_SCRIPTS = pytest.mark.skipif(bool(MISSING_SCRIPTS), reason=f"scripts not written yet: {MISSING_SCRIPTS}")
 
 CLASSES = ("circle", "square", "stripes")
 ANCHOR = {"id": "anchor", "text": "Does this image show an animal? The answer must be always yes or no.", "expected": "yes"}
@@ -112,23 +105,27 @@ def dry_run(workdir: Path, cfg: dict, name: str = "config.yaml") -> dict[str, in
 
 
 def expected_analysis(layers_by_model: dict[str, int], n_prompts: int) -> dict[str, int]:
-    """Jobs of the analysis rules for fresh models (one figures job per model + the depth panel)."""
+    """Jobs of the analysis rules for models new to a run (the cross-model panel is always redone)."""
     n_layers = sum(layers_by_model.values())
     return {
         "train_probe": n_layers,
         "evaluate": n_layers * n_prompts,
         "aggregate": len(layers_by_model),
+        "figures": len(layers_by_model),
+        "depth_panel": 1,
     }
 
 
+ANALYSIS_RULES = ("train_probe", "evaluate", "aggregate", "figures", "depth_panel")
+
+
 def analysis_part(counts: dict[str, int]) -> dict[str, int]:
-    return {rule: counts.get(rule, 0) for rule in ("train_probe", "evaluate", "aggregate")}
+    return {rule: counts.get(rule, 0) for rule in ANALYSIS_RULES}
 
 
 # --- dry runs ---------------------------------------------------------------------------------
 
 
-@NEEDS_SCRIPTS
 def test_dry_run_schedules_one_pass_per_split_and_prompt(images, tmp_path):
     counts = dry_run(tmp_path, tiny_config(images, variants=(LEXICAL, NEGATION)))
     assert counts["prepare_dataset"] == 1
@@ -136,12 +133,9 @@ def test_dry_run_schedules_one_pass_per_split_and_prompt(images, tmp_path):
     # train split for the anchor only, test split for every prompt (anchor + 2 variants)
     assert counts["extract_tiny_llava"] == 1 + 3
     assert counts["all"] == 1
-    if HAS_ANALYSIS:
-        assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3)
-        assert counts.get("figures", 0) >= 1
+    assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3)
 
 
-@NEEDS_SCRIPTS
 def test_dry_run_with_two_models_and_a_layer_subset(images, tmp_path):
     models = {
         "tiny-llava": {"recipe": "tiny-llava", "num_layers": 2, "device": "cpu"},
@@ -153,8 +147,7 @@ def test_dry_run_with_two_models_and_a_layer_subset(images, tmp_path):
     assert counts["extract_tiny_llava"] == 1 + 2
     assert counts["extract_tiny_qwen2_vl"] == 1 + 2
     assert not any("next" in rule for rule in counts)
-    if HAS_ANALYSIS:
-        assert analysis_part(counts) == expected_analysis({"tiny-llava": 3, "tiny-qwen2-vl": 3}, 2)
+    assert analysis_part(counts) == expected_analysis({"tiny-llava": 3, "tiny-qwen2-vl": 3}, 2)
 
 
 def test_invalid_config_stops_with_the_key_named(images, tmp_path):
@@ -177,23 +170,26 @@ def test_missing_dataset_root_is_reported(images, tmp_path):
     assert "prepare_dataset" in result.stdout + result.stderr
 
 
-@NEEDS_SCRIPTS
-def test_paper_config_dry_run(tmp_path):
-    paper = REPO / "config" / "paper.yaml"
-    if not paper.exists():
-        pytest.skip("config/paper.yaml not written yet")
-    cfg = yaml.safe_load(paper.read_text())
-    # The paper's ImageNet tree is not here; any existing folder lets the run be planned.
-    cfg["dataset"]["root"] = str(tmp_path)
-    if cfg["dataset"].get("class_list"):
-        cfg["dataset"]["class_list"] = str(REPO / cfg["dataset"]["class_list"])
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])
+def test_shipped_config_dry_run(name, tmp_path):
+    path = REPO / "config" / name
+    if not path.exists():
+        pytest.skip(f"config/{name} not written yet")
+    cfg = yaml.safe_load(path.read_text())
+    dataset = cfg["dataset"]
+    root = REPO / dataset["root"]
+    # The paper's ImageNet tree is not shipped; any existing folder lets the run be planned.
+    dataset["root"] = str(root if root.is_dir() else tmp_path)
+    if dataset.get("class_list"):
+        dataset["class_list"] = str(REPO / dataset["class_list"])
     counts = dry_run(tmp_path, cfg)
     n_prompts = 1 + len(cfg["prompts"].get("variants", []))
     models = {name: m for name, m in cfg["models"].items() if m.get("enabled", True)}
-    for name in models:
-        rule = "extract_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
-        assert counts[rule] == 1 + n_prompts
+    n_layers = {name: len(m.get("layers") or range(m["num_layers"] + 1)) for name, m in models.items()}
+    for model in models:
+        assert counts["extract_" + re.sub(r"[^A-Za-z0-9_]", "_", model)] == 1 + n_prompts
     assert counts["prepare_dataset"] == 1
+    assert analysis_part(counts) == expected_analysis(n_layers, n_prompts)
 
 
 # --- a real run -------------------------------------------------------------------------------
@@ -202,8 +198,6 @@ def test_paper_config_dry_run(tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(images, tmp_path_factory):
     """The tiny config run to the end once; later tests plan changes against it."""
-    if MISSING_SCRIPTS:
-        pytest.skip(f"scripts not written yet: {MISSING_SCRIPTS}")
     workdir = tmp_path_factory.mktemp("run")
     cfg = tiny_config(images)
     result = snakemake(workdir, write_config(workdir, cfg), "--cores", "2")
@@ -227,17 +221,19 @@ def test_run_writes_the_documented_files(finished_run):
     for log in ("prepare_dataset.log", "build_model/tiny-llava.log"):
         assert (workdir / "logs" / log).is_file()
         assert (workdir / "benchmarks" / log.replace(".log", ".tsv")).is_file()
-    if HAS_ANALYSIS:
-        for table in ("metrics", "stages", "behaviour"):
-            assert (res / "tiny-llava" / f"{table}.parquet").is_file()
-        for layer in (0, 1, 2):
-            assert (res / "tiny-llava" / "probes" / f"layer{layer}.safetensors").is_file()
-            for prompt in ("anchor", "lex_picture"):
-                assert (res / "tiny-llava" / "metrics" / prompt / f"layer{layer}.parquet").is_file()
-        for fmt in ("png", "svg", "vl.json"):
-            for figure in ("accuracy", "drop_heatmap", "answers"):
-                assert (res / "figures" / "tiny-llava" / f"{figure}.{fmt}").is_file()
-            assert (res / "figures" / f"depth_panel.{fmt}").is_file()
+    for table in ("metrics", "stages", "behaviour"):
+        assert (res / "tiny-llava" / f"{table}.parquet").is_file()
+    for layer in (0, 1, 2):
+        assert (res / "tiny-llava" / "probes" / f"layer{layer}.safetensors").is_file()
+        assert (res / "tiny-llava" / "probes" / "control" / f"layer{layer}.safetensors").is_file()
+        for prompt in ("anchor", "lex_picture"):
+            assert (res / "tiny-llava" / "metrics" / prompt / f"layer{layer}.parquet").is_file()
+    for fmt in ("png", "svg", "vl.json"):
+        for figure in ("accuracy", "drop_heatmap", "answers"):
+            assert (res / "figures" / "tiny-llava" / f"{figure}.{fmt}").is_file()
+        assert (res / "figures" / f"depth_panel.{fmt}").is_file()
+
+
 
 
 @pytest.mark.slow
@@ -259,28 +255,21 @@ def test_second_run_has_nothing_to_do(finished_run):
 
 
 @pytest.mark.slow
-@NEEDS_ANALYSIS
 def test_adding_a_variant_costs_only_its_jobs(finished_run):
     workdir, cfg = finished_run
     grown = {**cfg, "prompts": {**cfg["prompts"], "variants": [*cfg["prompts"]["variants"], dict(NEGATION)]}}
     counts = dry_run(workdir, grown, "grown.yaml")
-    assert counts["extract_tiny_llava"] == 1  # the new prompt on the test split
-    assert counts["evaluate"] == 3  # one per layer
-    assert counts["aggregate"] == 1
-    assert counts.get("figures", 0) >= 1
-    for rule in ("train_probe", "prepare_dataset", "build_model"):
-        assert rule not in counts, counts
+    assert counts.pop("extract_tiny_llava") == 1  # the new prompt on the test split
+    assert counts.pop("evaluate") == 3  # one per layer, no probe retrained
+    assert counts == {"aggregate": 1, "figures": 1, "depth_panel": 1, "all": 1}
 
 
 @pytest.mark.slow
-@NEEDS_ANALYSIS
 def test_adding_a_model_costs_only_its_jobs(finished_run):
     workdir, cfg = finished_run
     models = {**cfg["models"], "tiny-qwen2-vl": {"recipe": "tiny-qwen2-vl", "num_layers": 2, "device": "cpu"}}
     counts = dry_run(workdir, {**cfg, "models": models}, "two-models.yaml")
-    assert counts["build_model"] == 1
-    assert counts["extract_tiny_qwen2_vl"] == 1 + 2
-    assert analysis_part(counts) == expected_analysis({"tiny-qwen2-vl": 3}, 2)
-    assert counts.get("figures", 0) >= 1  # the new model's figures and the cross-model panel
-    for rule in ("extract_tiny_llava", "prepare_dataset"):
-        assert rule not in counts, counts
+    assert counts.pop("build_model") == 1
+    assert counts.pop("extract_tiny_qwen2_vl") == 1 + 2
+    # Only the new model's probes, evaluations, tables and figures, plus the cross-model panel.
+    assert counts == {**expected_analysis({"tiny-qwen2-vl": 3}, 2), "all": 1}

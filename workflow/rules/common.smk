@@ -227,9 +227,6 @@ def analysis_targets():
     return targets
 
 
-def all_targets(wildcards):
-    """Everything `snakemake` builds by default; the analysis once its rules are included."""
-    targets = extraction_targets()
-    if workflow.is_rule("aggregate"):
-        targets += analysis_targets()
-    return targets
+def all_targets():
+    """Everything `snakemake` builds by default."""
+    return extraction_targets() + analysis_targets()
