@@ -150,6 +150,16 @@ def n_classes():
         return 0
 
 
+def prepare_dataset_runtime():
+    """Minutes to scan and verify the images: generous per class (paper: 120 classes x 80 images)."""
+    return 10 + math.ceil(n_classes() / 20)
+
+
+def build_model_resources():
+    """A tiny model is built in seconds in well under a GB."""
+    return {"mem_mb": 2048, "runtime": 15}
+
+
 def weights_mb(model):
     """Rough in-memory size of a model's weights in MB at its configured dtype."""
     cfg = MODELS[model]

@@ -14,6 +14,6 @@ rule prepare_dataset:
     threads: 1
     resources:
         mem_mb=1024,
-        runtime=lambda wildcards: 10 + math.ceil(n_classes() / 20),
+        runtime=prepare_dataset_runtime(),
     script:
         "../../scripts/prepare_dataset.py"

@@ -18,7 +18,7 @@ rule build_model:
         benchmark_path("build_model", "{model}")
     threads: 1
     resources:
-        mem_mb=2048,
-        runtime=15,
+        mem_mb=build_model_resources()["mem_mb"],
+        runtime=build_model_resources()["runtime"],
     script:
         "../../scripts/build_model.py"
