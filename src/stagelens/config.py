@@ -134,6 +134,8 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
 
 def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict:
     """Return a deep copy of `config` with defaults filled in, or raise ConfigError listing every problem."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config error at <top level>: expected a mapping, got {type(config).__name__}")
     filled = copy.deepcopy(dict(config))
     messages = _schema_messages(_DefaultingValidator(schema).iter_errors(filled))
     if messages:
@@ -147,18 +149,12 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dic
 
 def load_config(source: str | os.PathLike | Mapping[str, Any], schema_path: str | os.PathLike) -> dict:
     """Load a config (YAML file or mapping), validate it against the schema and fill defaults."""
+    schema = read_schema(schema_path)
     if isinstance(source, Mapping):
-        raw: Any = source
-        origin = ""
-    else:
-        with open(source, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
-        origin = f" in {Path(source)}"
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config error at <top level>{origin}: expected a mapping, got {type(raw).__name__}")
+        return validate_config(source, schema)
+    with open(source, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
     try:
-        return validate_config(raw, read_schema(schema_path))
+        return validate_config(raw, schema)
     except ConfigError as exc:
-        if origin:
-            raise ConfigError(f"{exc}\n(config file: {Path(source)})") from None  # type: ignore[arg-type]
-        raise
+        raise ConfigError(f"{exc}\n(config file: {Path(source)})") from None

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 METADATA_KEY = b"stagelens"
@@ -100,8 +101,6 @@ def list_images(class_dir: str | os.PathLike) -> list[str]:
 
 def image_error(path: str | os.PathLike) -> str | None:
     """None when the file decodes as an image, else why not (PIL verify, then a full load)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             img.verify()
