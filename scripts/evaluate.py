@@ -30,13 +30,13 @@ for position, probe in probes.items():
         raise KeyError(f"{inp.control}: no control probe for position {position!r}")
     ids, labels, variant = read_vectors(inp.variant, position)
     if inp.anchor == inp.variant:
-        anchor_ids, anchor_labels, anchor = ids, labels, variant
+        anchor = variant  # the anchor job: same array, so its logits are computed once
     else:
         anchor_ids, anchor_labels, anchor = read_vectors(inp.anchor, position)
-    order = align_to(ids, anchor_ids)  # pair by sample_id, in the anchor's order
-    labels, variant = labels[order], variant[order]
-    if not np.array_equal(labels, anchor_labels):
-        raise ValueError(f"{inp.variant} and {inp.anchor} disagree on labels of the same sample ids")
+        order = align_to(ids, anchor_ids)  # pair by sample_id, in the anchor's order
+        labels, variant = labels[order], variant[order]
+        if not np.array_equal(labels, anchor_labels):
+            raise ValueError(f"{inp.variant} and {inp.anchor} disagree on labels of the same sample ids")
     metrics = evaluate_probe(probe, controls[position], labels, variant, anchor, settings)
     rows.append({
         "model": params.model_name, "model_id": meta.get("model_id"), "revision": meta.get("revision"),

@@ -15,10 +15,10 @@ from stagelens.metrics import (
     align_to,
     bootstrap_ci,
     bootstrap_indices,
+    cross_fit_offsets,
     evaluate_probe,
     macro_f1,
     mcnemar_exact_p,
-    shift_corrected_predictions,
     topk_accuracy,
 )
 from stagelens.probe import Probe
@@ -73,14 +73,30 @@ def test_shift_correction_recovers_anchor_accuracy_under_a_constant_offset():
 
 
 def test_shift_correction_estimates_the_offset_on_other_images():
-    """With one image per fold the offset comes from the other image alone, never its own."""
+    """With one image per fold each offset comes from the other image alone, never its own."""
     rng = np.random.default_rng(2)
     probe, centers = _probe(rng)
     anchor = centers[[0, 1]].copy()
     variant = anchor.copy()
     variant[0] += 50.0  # image 0 alone is displaced: its own offset would undo that, the other's does not
-    predicted = shift_corrected_predictions(probe, variant, anchor, seed=0)
-    assert predicted[0] != probe.classes[0]
+    labels = probe.classes[[0, 1]]
+    m = evaluate_probe(probe, _control(rng), labels, variant, anchor, EvalSettings(n_bootstrap=10))
+    assert m["anchor_accuracy"] == 1.0
+    assert m["shift_corrected_accuracy"] == 0.0  # in-sample estimation would score 1.0
+
+
+def test_shift_corrected_logits_equal_scoring_the_shifted_features():
+    """The logit-space shortcut equals the frozen probe applied to variant - offset."""
+    rng = np.random.default_rng(9)
+    probe, centers = _probe(rng)
+    labels, anchor = _sample(centers, 30, rng, noise=2.0)
+    variant = anchor + rng.normal(size=DIM).astype(np.float32) * 3 + rng.normal(size=anchor.shape).astype(np.float32)
+    predicted = np.empty(len(labels), dtype=np.int64)
+    for scored, offset in cross_fit_offsets(variant, anchor, seed=0):
+        predicted[scored] = probe.predict(variant[scored] - offset.astype(np.float32))
+    m = evaluate_probe(probe, _control(rng), labels, variant, anchor, EvalSettings(n_bootstrap=10, seed=0))
+    assert m["shift_corrected_accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1 / len(labels))
+    assert 0.2 < m["shift_corrected_accuracy"] < 1.0
 
 
 def test_bootstrap_ci_contains_the_estimate_and_is_deterministic():

@@ -63,28 +63,23 @@ def mcnemar_exact_p(anchor_correct: np.ndarray, variant_correct: np.ndarray) -> 
     return float(min(1.0, 2 * tail / 2**n))
 
 
-def shift_corrected_predictions(
-    probe: Probe, variant: np.ndarray, anchor: np.ndarray, seed: int
-) -> np.ndarray:
-    """Predictions after removing the variant-minus-anchor mean offset, two-fold cross-fitted.
-
-    The images are split at random (seeded) into two halves; each half is scored with the
-    offset estimated on the other half, so no image's own features enter its correction.
-    No labels are used.
-    """
+def cross_fit_offsets(variant: np.ndarray, anchor: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(scored indices, offset)] for two random halves (seeded); each half's variant-minus-anchor
+    mean offset is estimated on the other half, so no image's own features enter its correction.
+    No labels are used."""
     if variant.shape != anchor.shape:
         raise ValueError(f"variant features {variant.shape} and anchor features {anchor.shape} differ")
     n = len(variant)
     order = np.random.default_rng(seed).permutation(n)
     folds = (order[: n // 2], order[n // 2 :])
-    predictions = np.empty(n, dtype=probe.classes.dtype)
+    pairs = []
     for scored, other in (folds, folds[::-1]):
         if len(other) == 0:  # a single image: nothing to estimate an offset from
-            offset = np.zeros(variant.shape[1], dtype=np.float32)
+            offset = np.zeros(variant.shape[1])
         else:
             offset = variant[other].mean(axis=0, dtype=np.float64) - anchor[other].mean(axis=0, dtype=np.float64)
-        predictions[scored] = probe.predict(variant[scored] - offset.astype(np.float32))
-    return predictions
+        pairs.append((scored, offset))
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -128,12 +123,22 @@ def evaluate_probe(
     """
     if not (len(labels) == len(variant) == len(anchor)):
         raise ValueError(f"labels {len(labels)}, variant {len(variant)}, anchor {len(anchor)} rows differ")
-    logits = probe.logits(variant)
+    # One matmul for the probe and its control on the variant; the shift correction is linear
+    # in the features, so it is a per-fold shift of the logits (no further matmul).
+    w, b = probe.folded()
+    wc, bc = control.folded()
+    k = len(w)
+    both = variant.astype(np.float32, copy=False) @ np.concatenate([w, wc]).T
+    logits = both[:, :k] + b
     predicted = probe.classes[np.argmax(logits, axis=1)]
     correct = predicted == labels
-    anchor_correct = probe.predict(anchor) == labels
-    shifted_correct = shift_corrected_predictions(probe, variant, anchor, settings.seed) == labels
-    control_accuracy = accuracy(labels, control.predict(variant))
+    control_accuracy = accuracy(labels, control.classes[np.argmax(both[:, k:] + bc, axis=1)])
+    anchor_logits = logits if anchor is variant else anchor.astype(np.float32, copy=False) @ w.T + b
+    anchor_correct = probe.classes[np.argmax(anchor_logits, axis=1)] == labels
+    shifted = np.empty(len(labels), dtype=probe.classes.dtype)
+    for scored, offset in cross_fit_offsets(variant, anchor, settings.seed):
+        shifted[scored] = probe.classes[np.argmax(logits[scored] - (w @ offset).astype(np.float32), axis=1)]
+    shifted_correct = shifted == labels
     indices = bootstrap_indices(len(labels), settings.n_bootstrap, settings.seed)
     diff = anchor_correct.astype(np.float64) - correct.astype(np.float64)
     acc = float(correct.mean())

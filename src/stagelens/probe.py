@@ -25,15 +25,18 @@ class Probe:
     scale: np.ndarray  # (D,) float32, standardisation scale (1 where a feature is constant)
     classes: np.ndarray  # (n_classes,) int64, the label each logit row stands for
 
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(w, b) with the standardisation folded in: logits = x @ w.T + b (no (n, D) temporary)."""
+        w = self.weight / self.scale
+        return w, self.bias - w @ self.mean
+
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Class scores for features x of shape (n, D)."""
         if x.ndim != 2 or x.shape[1] != self.weight.shape[1]:
             raise ValueError(
                 f"probe expects features of shape (n, {self.weight.shape[1]}), got {x.shape}"
             )
-        # Folding the standardisation into the weights saves an (n, D) temporary.
-        w = self.weight / self.scale
-        b = self.bias - w @ self.mean
+        w, b = self.folded()
         return x.astype(np.float32, copy=False) @ w.T + b
 
     def predict(self, x: np.ndarray) -> np.ndarray:
