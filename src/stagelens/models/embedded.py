@@ -286,3 +286,12 @@ def load_embedded_adapter(model_cfg: dict, model_path: str) -> EmbeddedAdapter:
         hidden_size=model.config.lm_hidden_size,
     )
     return EmbeddedAdapter(model, info)
+
+
+def _register() -> None:
+    from stagelens.models import register_adapter
+
+    register_adapter(MODEL_TYPE, load_embedded_adapter)
+
+
+_register()
