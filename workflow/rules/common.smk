@@ -26,7 +26,6 @@ RESULTS = config["results"]
 MODELS = enabled_models(config)
 PROMPTS = {prompt["id"]: prompt for prompt in all_prompts(config)}
 ANCHOR = config["prompts"]["anchor"]["id"]
-SPLITS = ("train", "test")
 FIGURE_FORMATS = ("png", "svg", "vl.json")
 MODEL_FIGURES = ("accuracy", "drop_heatmap", "answers")
 
@@ -212,15 +211,15 @@ def extract_gpu(model):
 # --- targets --------------------------------------------------------------------------------
 
 
-def extraction_jobs(model):
-    """(split, prompt) pairs extracted for a model: the anchor on train, every prompt on test."""
+def extraction_jobs():
+    """(split, prompt) pairs extracted for every model: the anchor on train, every prompt on test."""
     return [("train", ANCHOR)] + [("test", prompt) for prompt in PROMPTS]
 
 
 def extraction_targets():
     targets = [manifest_path()]
     for model in MODELS:
-        for split, prompt in extraction_jobs(model):
+        for split, prompt in extraction_jobs():
             targets += [embedding_path(model, split, prompt, layer) for layer in layers_of(model)]
             targets.append(answers_path(model, split, prompt))
     return targets
