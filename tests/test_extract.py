@@ -164,3 +164,13 @@ def test_job_scripts_build_and_extract(tmp_path, image_rows):
     assert ids.tolist() == [r[0] for r in image_rows] and vectors.shape == (len(image_rows), 64)
     assert read_metadata(emb[1])["layer"] == 3 and read_metadata(emb[1])["model_name"] == "tiny-llava"
     assert "wrote 7 rows x 2 layers" in (tmp_path / "extract.log").read_text()
+
+
+def test_float16_vectors_only_for_half_precision_models(adapters, samples, tiny_model_dirs, tmp_path):
+    with pytest.raises(ValueError, match="float16 vectors"):
+        run(adapters["tiny-llava"], samples, tmp_path / "a", layers=[0], vector_dtype="float16")
+    bf16 = load_adapter({**CFG, "dtype": "bfloat16"}, str(tiny_model_dirs["tiny-llava"]))
+    emb, _ = run(bf16, samples[:3], tmp_path / "b", layers=[4], vector_dtype="float16")
+    assert pq.read_schema(emb[0]).field("last").type.value_type == pa.float16()
+    assert read_metadata(emb[0])["dtype"] == "bfloat16"
+    assert read_vectors(emb[0])[2].dtype == np.float32

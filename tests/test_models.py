@@ -290,3 +290,26 @@ def test_render_prompt_without_template_is_an_error(adapters):
             render_prompt(processor, "hi")
     finally:
         processor.chat_template = template
+
+
+def test_generic_path_equals_specific_adapter(adapters, tiny_model_dirs, image_rows):
+    from stagelens.models.hf import load_hf_adapter
+
+    generic = load_hf_adapter(dict(CFG), str(tiny_model_dirs["tiny-llava"]), None)
+    assert generic.position_ids  # Llama text model: positions from the attention mask
+    images = load_images(image_rows, 3)
+    a = generic.forward(images, QUESTION, [0, 4], ["last", "image_mean"])
+    b = adapters["tiny-llava"].forward(images, QUESTION, [0, 4], ["last", "image_mean"])
+    np.testing.assert_allclose(a.vectors["last"], b.vectors["last"], atol=1e-6)
+    np.testing.assert_allclose(a.answer_probs, b.answer_probs, atol=1e-7)
+
+
+@pytest.mark.parametrize("recipe", ["tiny-llava-next", "tiny-qwen2-vl"])
+def test_bfloat16_forward_returns_float32_close_to_float32(adapters, tiny_model_dirs, image_rows, recipe):
+    bf16 = load_adapter({**CFG, "dtype": "bfloat16"}, str(tiny_model_dirs[recipe]))
+    images = load_images(image_rows, 2)
+    low = bf16.forward(images, QUESTION, [0, 4], ["last", "image_mean"])
+    full = adapters[recipe].forward(images, QUESTION, [0, 4], ["last", "image_mean"])
+    assert low.vectors["last"].dtype == np.float32
+    scale = np.abs(full.vectors["last"]).max()
+    np.testing.assert_allclose(low.vectors["last"], full.vectors["last"], atol=0.05 * scale)

@@ -108,6 +108,7 @@ def check_request(
     embedding_paths: Sequence[str | os.PathLike],
     num_layers: int | None,
     model_name: str,
+    vector_dtype: str = "float32",
 ) -> None:
     """Clear errors for a config that does not fit the model, before any work is done."""
     actual = adapter.info.num_layers
@@ -122,6 +123,10 @@ def check_request(
     unknown = [p for p in positions if p not in POSITIONS]
     if unknown:
         raise ValueError(f"models.{model_name}.positions: unknown {unknown}; known: {list(POSITIONS)}")
+    if vector_dtype == "float16" and adapter.info.dtype == "float32":
+        raise ValueError(
+            f"models.{model_name}: float16 vectors are for float16/bfloat16 models; {adapter.info.model_id} runs in float32"
+        )
     if len(embedding_paths) != len(layers):
         raise ValueError(f"{len(embedding_paths)} embedding paths for {len(layers)} layers")
 
@@ -151,7 +156,7 @@ def extract(
     if not samples:
         raise ValueError("no samples to extract")
     layers = [int(layer) for layer in layers]
-    check_request(adapter, layers, positions, embedding_paths, num_layers, model_name)
+    check_request(adapter, layers, positions, embedding_paths, num_layers, model_name, vector_dtype)
     meta = run_metadata(adapter, model_name, prompt, split, positions)
     dim = adapter.info.hidden_size
     writers: list[ParquetStreamWriter] = []

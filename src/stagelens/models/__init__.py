@@ -2,8 +2,9 @@
 
 Loaders are registered per config `model_type`. The built-in ones cover LLaVA-1.5, LLaVA-NeXT
 and Qwen2-VL; any other transformers checkpoint goes through AutoModelForImageTextToText.
-Modules in `ADAPTER_MODULES` (e.g. the embedded model) are imported on first use so they can
-call `register_adapter` for their own model_type.
+Modules in `ADAPTER_MODULES` (e.g. the embedded model) are imported when a checkpoint's
+model_type is not registered yet, so they can call `register_adapter` for their own type
+(and a plugin's dependencies are never needed to load a transformers model).
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ def load_adapter(model_cfg: dict, model_path: str) -> ModelAdapter:
 
     Unregistered model types go through the generic AutoModelForImageTextToText path.
     """
-    _load_plugins()
     config = checkpoint_config(model_path, model_cfg.get("revision") or None)
     model_type = config.get("model_type")
     if model_type is None:
         raise ValueError(f"{model_path}: config.json has no model_type")
+    if model_type not in _REGISTRY:
+        _load_plugins()
     return _REGISTRY.get(model_type, _generic)(model_cfg, model_path)

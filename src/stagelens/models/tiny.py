@@ -62,6 +62,50 @@ def train_tokenizer(special_tokens: list[str], **named_specials: str) -> PreTrai
     return fast
 
 
+# LLaVA-NeXT's anyres grid scaled down to the 32-pixel tiny vision tower.
+_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+
+
+def make_processor(recipe: str, tokenizer):
+    """The recipe's processor (tiny image settings, real chat template) around any tokenizer.
+
+    Also lets real vocabularies be checked offline: pass e.g. a Llama-3 tokenizer with
+    "tiny-llava-next" and inspect `stagelens.prompts.build_inputs` output.
+    """
+    if recipe == "tiny-llava":
+        from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+        )
+        return LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            chat_template=chat_template(recipe),
+        )
+    if recipe == "tiny-llava-next":
+        from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=_PINPOINTS
+        )
+        return LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            chat_template=chat_template(recipe),
+        )
+    if recipe == "tiny-qwen2-vl":
+        from transformers import Qwen2VLImageProcessorPil
+
+        from .qwen_processor import Qwen2VLImageOnlyProcessor
+
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, patch_size=14, merge_size=2, temporal_patch_size=2
+        )
+        return Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=chat_template(recipe))
+    raise ValueError(f"unknown tiny recipe {recipe!r}; known: {', '.join(RECIPES)}")
+
+
 def _llama_text_config(vocab_size: int, hidden_size: int, num_layers: int, pad_id: int, bos_id: int, eos_id: int):
     from transformers import LlamaConfig
 
@@ -94,7 +138,7 @@ def _clip_vision_config():
 
 
 def _build_llava(out: Path, hidden_size: int, num_layers: int) -> None:
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = train_tokenizer(
         ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
@@ -114,65 +158,37 @@ def _build_llava(out: Path, hidden_size: int, num_layers: int) -> None:
         projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(config).eval()
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=chat_template("tiny-llava"),
-    )
+    processor = make_processor("tiny-llava", tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
 
 def _build_llava_next(out: Path, hidden_size: int, num_layers: int) -> None:
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     tokenizer = train_tokenizer(
         ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>", "<image>"],
         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<pad>",
     )
     tokenizer = _with_bos(tokenizer)
-    pinpoints = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
     config = LlavaNextConfig(
         vision_config=_clip_vision_config(),
         text_config=_llama_text_config(
             len(tokenizer), hidden_size, num_layers, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints,
+        image_grid_pinpoints=_PINPOINTS,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
     model = LlavaNextForConditionalGeneration(config).eval()
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=chat_template("tiny-llava-next"),
-    )
+    processor = make_processor("tiny-llava-next", tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
 
 def _build_qwen2_vl(out: Path, hidden_size: int, num_layers: int) -> None:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    from .qwen_processor import Qwen2VLImageOnlyProcessor
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
@@ -206,11 +222,8 @@ def _build_qwen2_vl(out: Path, hidden_size: int, num_layers: int) -> None:
         vision_end_token_id=ids["<|vision_end|>"],
     )
     model = Qwen2VLForConditionalGeneration(config).eval()
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, patch_size=14, merge_size=2, temporal_patch_size=2
-    )
     # Saved through the image-only processor: its files are the ones Qwen2VLProcessor reads.
-    processor = Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=chat_template("tiny-qwen2-vl"))
+    processor = make_processor("tiny-qwen2-vl", tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     _mark_processor_class(out, "Qwen2VLProcessor")
