@@ -36,6 +36,7 @@ from stagelens.models.efficientnet_vision import (
     preprocess,
 )
 from stagelens.models.layers import LayerCapture, find_decoder_layers, last_token_index
+from stagelens.prompts import answer_token_ids
 
 MODEL_TYPE = "stagelens-embedded"
 ARCHITECTURE = "StagelensEmbeddedForCausalLM"
@@ -211,25 +212,14 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 
 
-def answer_token_ids(tokenizer) -> list[list[int]]:
-    """Per answer word, the first token of `word` and of ` word` (skipped when the space is its own token)."""
-    ids: list[list[int]] = []
-    for word in ANSWER_WORDS:
-        variants = {tokenizer.encode(word, add_special_tokens=False)[0]}
-        spaced = tokenizer.encode(" " + word, add_special_tokens=False)
-        if len(spaced) == 1:
-            variants.add(spaced[0])
-        ids.append(sorted(variants))
-    return ids
-
-
 class EmbeddedAdapter:
     """`ModelAdapter` for the embedded model: one forward pass, per-layer vectors kept by hooks."""
 
     def __init__(self, model: EmbeddedMLLM, info: ModelInfo) -> None:
         self.model = model
         self.info = info
-        self._answer_ids = answer_token_ids(model.tokenizer)
+        answer_ids = answer_token_ids(model.tokenizer)
+        self._answer_ids = [answer_ids[word] for word in ANSWER_WORDS]
         self._blocks = find_decoder_layers(model.lm)
 
     def render_prompt(self, question: str) -> str:
@@ -256,11 +246,12 @@ class EmbeddedAdapter:
             inputs_embeds = model.inputs_embeds(input_ids, images)
             out = model.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         probs = out.logits[:, -1, :].float().softmax(dim=-1).cpu()
-        answer_probs = torch.stack([probs[:, ids].sum(dim=1) for ids in self._answer_ids], dim=1)
+        # Same scoring as the HF adapters: a word's probability is the max over its spellings.
+        answer_probs = torch.stack([probs[:, ids].max(dim=1).values for ids in self._answer_ids], dim=1)
         return BatchVectors(
             vectors=capture.vectors(),
-            answer_probs=answer_probs.numpy(),
-            n_image_tokens=image_mask.sum(dim=1).cpu().numpy(),
+            answer_probs=answer_probs.numpy().astype(np.float32),
+            n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
         )
 
 
