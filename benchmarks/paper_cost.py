@@ -1,0 +1,138 @@
+"""What a run of config/paper.yaml costs: GPU time, disk, and the CPU time of the probes.
+
+Estimates, printed (never asserted):
+- forward FLOPs per image ~ 2 x N_params x T (T = image tokens + prompt tokens), the image passes
+  per model (train split x anchor + test split x every prompt), the GPU time at an effective
+  throughput (default 250 TFLOP/s bf16: ~25% of an H100's dense peak);
+- embedding disk: (L + 1) layers x positions x width x bytes per image pass;
+- probe training: one job per layer fits (folds x Cs + 1) models per position, for the real and
+  the shuffled-label probe; with --measure-fit, one lbfgs iteration of multinomial logistic
+  regression is timed on synthetic data (reduced width, stated), scaled by width to the paper's
+  size and multiplied by plausible iteration counts.
+
+Run: .venv/bin/python benchmarks/paper_cost.py [--tflops 250] [--measure-fit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Total parameters (LM + vision tower + projector), width, and the image tokens of a typical
+# 500 x 375 photo (Stanford Dogs / ImageNet median shape): 576 for LLaVA-1.5; LLaVA-NeXT's anyres
+# count for that shape (2,144 of 1,176-2,928); Qwen2-VL 13 x 18 patches of 28 px (max_pixels 448^2).
+MODELS = {
+    "llava-hf/llava-1.5-7b-hf": {"params": 7.06e9, "image_tokens": 576},
+    "llava-hf/llama3-llava-next-8b-hf": {"params": 8.36e9, "image_tokens": 2340},
+    "Qwen/Qwen2-VL-7B-Instruct": {"params": 8.29e9, "image_tokens": 234},
+    "llava-hf/llava-v1.6-vicuna-7b-hf": {"params": 7.06e9, "image_tokens": 2340},
+}
+WIDTH = {"llava-hf/llava-1.5-7b-hf": 4096, "llava-hf/llama3-llava-next-8b-hf": 4096,
+         "Qwen/Qwen2-VL-7B-Instruct": 3584, "llava-hf/llava-v1.6-vicuna-7b-hf": 4096}
+PROMPT_TOKENS = 35  # template + question: 27-40 tokens for the paper prompts in the real vocabularies
+GIB = 1024**3
+
+
+def load_paper() -> dict:
+    return yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+
+
+def n_classes(cfg: dict) -> int:
+    with open(REPO / cfg["dataset"]["class_list"], encoding="utf-8", newline="") as fh:
+        return sum(1 for _ in csv.DictReader(fh, delimiter="\t"))
+
+
+def passes_per_model(cfg: dict) -> tuple[int, int, int]:
+    """(train passes, test passes, prompts): train = anchor only, test = every prompt."""
+    classes = n_classes(cfg)
+    prompts = 1 + len(cfg["prompts"].get("variants", []))
+    return classes * cfg["dataset"]["train_per_class"], classes * cfg["dataset"]["test_per_class"] * prompts, prompts
+
+
+def gpu_and_disk(cfg: dict, tflops: float, all_models: bool) -> None:
+    train, test, prompts = passes_per_model(cfg)
+    passes = train + test
+    print(f"image passes per model: {train} train (anchor) + {test} test ({prompts} prompts) = {passes}")
+    print(f"{'model':<24}{'T':>6}{'TFLOP/img':>11}{'s/img':>8}{'GPU h':>8}{'MiB/img':>9}{'GiB':>7}")
+    total_h = total_gib = 0.0
+    for name, m in cfg["models"].items():
+        if not (m.get("enabled", True) or all_models):
+            continue
+        spec = MODELS[m["path"]]
+        tokens = spec["image_tokens"] + PROMPT_TOKENS
+        tflop = 2 * spec["params"] * tokens / 1e12
+        seconds = tflop / tflops
+        hours = passes * seconds / 3600
+        layers = len(m.get("layers") or range(m["num_layers"] + 1))
+        nbytes = 2 if m.get("vector_dtype", "float32") == "float16" else 4
+        per_image = layers * len(m.get("positions", ["last", "image_mean"])) * WIDTH[m["path"]] * nbytes
+        gib = passes * per_image / GIB
+        total_h, total_gib = total_h + hours, total_gib + gib
+        print(f"{name:<24}{tokens:>6}{tflop:>11.1f}{seconds:>8.3f}{hours:>8.2f}{per_image / 2**20:>9.3f}{gib:>7.1f}")
+    print(f"{'total':<24}{'':>6}{'':>11}{'':>8}{total_h:>8.2f}{'':>9}{total_gib:>7.1f}")
+    print(f"(effective throughput {tflops:.0f} TFLOP/s; model loading, image decoding and padding not included)")
+
+
+def probe_plan(cfg: dict) -> tuple[int, int, int]:
+    """(fits per probe job, samples, classes) of the paper config."""
+    probe = cfg.get("probe", {})
+    folds, cs = probe.get("cv_folds", 5), len(probe.get("Cs", [0.001, 0.01, 0.1, 1.0, 10.0]))
+    positions = len(next(iter(cfg["models"].values())).get("positions", ["last", "image_mean"]))
+    fits = positions * 2 * (folds * cs + 1)  # real + shuffled-label control, CV grid + refit
+    train, _, _ = passes_per_model(cfg)
+    return fits, train, n_classes(cfg)
+
+
+def measure_fit(n: int, width: int, classes: int, C: float, max_iter: int) -> tuple[float, int]:
+    """Seconds and iterations of one standardised multinomial logistic-regression fit."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(classes), n // classes)
+    centres = rng.normal(size=(classes, width)).astype(np.float32) * 0.3
+    x = StandardScaler().fit_transform(centres[y] + rng.normal(size=(len(y), width)).astype(np.float32))
+    start = time.perf_counter()
+    lr = LogisticRegression(C=C, max_iter=max_iter, tol=1e-12).fit(x, y)
+    return time.perf_counter() - start, int(np.max(lr.n_iter_))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tflops", type=float, default=250.0, help="effective bf16 TFLOP/s of the GPU")
+    parser.add_argument("--all-models", action="store_true", help="include models with enabled: false")
+    parser.add_argument("--measure-fit", action="store_true", help="time one probe fit (reduced width)")
+    parser.add_argument("--fit-width", type=int, default=512, help="feature width of the timed fit")
+    args = parser.parse_args()
+    cfg = load_paper()
+    gpu_and_disk(cfg, args.tflops, args.all_models)
+
+    fits, n, classes = probe_plan(cfg)
+    layers = sum(len(m.get("layers") or range(m["num_layers"] + 1))
+                 for m in cfg["models"].values() if m.get("enabled", True) or args.all_models)
+    print(f"\nprobe jobs: {layers} (one per model x layer), {fits} logistic-regression fits each "
+          f"({n} samples, {classes} classes)")
+    if args.measure_fit:
+        # Synthetic data converge in a few iterations, real features in hundreds (up to max_iter):
+        # time a capped fit, take seconds per iteration, and scale that to the paper's width.
+        seconds, iters = measure_fit(n, args.fit_width, classes, C=100.0, max_iter=30)
+        per_iter = seconds / iters * 4096 / args.fit_width  # cost per iteration ~ n x width x classes
+        print(f"  {iters} lbfgs iterations in {seconds:.1f} s: {seconds / iters:.3f} s each at width {args.fit_width} "
+              f"-> ~{per_iter:.2f} s at width 4096 (this machine, 1 job)")
+        flop_bound = 4 * n * 4096 * classes / 50e9  # forward + gradient matmuls at 50 GFLOP/s per core
+        print(f"  (matmul floor: {flop_bound:.2f} s per iteration at 50 GFLOP/s per core; a loaded machine is slower)")
+        for iterations in (100, 300, cfg.get("probe", {}).get("max_iter", 1000)):
+            per_job = fits * iterations * per_iter
+            print(f"  at {iterations:>4} iterations per fit: ~{per_job / 3600:.1f} core-h per probe job, "
+                  f"~{layers * per_job / 3600:.0f} core-h for all {layers} jobs")
+
+if __name__ == "__main__":
+    main()
