@@ -26,19 +26,17 @@ def topk_accuracy(y_true: np.ndarray, logits: np.ndarray, classes: np.ndarray, k
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Unweighted mean F1 over the labels present in y_true or y_pred (scikit-learn's convention)."""
-    labels = np.union1d(y_true, y_pred)
-    scores = []
-    for label in labels:
-        tp = np.sum((y_pred == label) & (y_true == label))
-        predicted = np.sum(y_pred == label)
-        actual = np.sum(y_true == label)
-        scores.append(0.0 if tp == 0 else 2 * tp / (predicted + actual))
-    return float(np.mean(scores))
+    labels, codes = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
+    true_codes, pred_codes = codes[: len(y_true)], codes[len(y_true) :]
+    k = len(labels)
+    tp = np.bincount(true_codes[true_codes == pred_codes], minlength=k)
+    denominator = np.bincount(true_codes, minlength=k) + np.bincount(pred_codes, minlength=k)
+    return float(np.mean(2 * tp / denominator))
 
 
 def bootstrap_indices(n: int, n_bootstrap: int, seed: int) -> np.ndarray:
     """(n_bootstrap, n) resampling indices; the same seed gives the same resamples."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
+    return np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n), dtype=np.int32)
 
 
 def bootstrap_ci(values: np.ndarray, indices: np.ndarray, ci: float) -> tuple[float, float]:
@@ -72,14 +70,13 @@ def cross_fit_offsets(variant: np.ndarray, anchor: np.ndarray, seed: int) -> lis
     n = len(variant)
     order = np.random.default_rng(seed).permutation(n)
     folds = (order[: n // 2], order[n // 2 :])
-    pairs = []
-    for scored, other in (folds, folds[::-1]):
-        if len(other) == 0:  # a single image: nothing to estimate an offset from
-            offset = np.zeros(variant.shape[1])
-        else:
-            offset = variant[other].mean(axis=0, dtype=np.float64) - anchor[other].mean(axis=0, dtype=np.float64)
-        pairs.append((scored, offset))
-    return pairs
+    means = [
+        variant[fold].mean(axis=0, dtype=np.float64) - anchor[fold].mean(axis=0, dtype=np.float64)
+        if len(fold) else np.zeros(variant.shape[1])  # a single image: no other image to learn from
+        for fold in folds
+    ]
+    # Each fold is scored with the offset estimated on the other fold.
+    return [(folds[0], means[1]), (folds[1], means[0])]
 
 
 @dataclass(frozen=True)
