@@ -275,8 +275,8 @@ def test_answer_token_ids_rejects_shared_first_token():
         def decode(self, ids):
             return chr(ids[0])
 
-        def convert_ids_to_tokens(self, i):
-            return chr(i)
+        def convert_ids_to_tokens(self, ids):
+            return [chr(i) for i in ids]
 
     with pytest.raises(ValueError, match="share first token"):
         answer_token_ids(Tok(), ["yes", "Yes"])
@@ -313,3 +313,59 @@ def test_bfloat16_forward_returns_float32_close_to_float32(adapters, tiny_model_
     assert low.vectors["last"].dtype == np.float32
     scale = np.abs(full.vectors["last"]).max()
     np.testing.assert_allclose(low.vectors["last"], full.vectors["last"], atol=0.05 * scale)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_two_token_answer_path_equals_forward_with_the_token_appended(adapters, tiny_model_dirs, image_rows, recipe):
+    """A whitespace-then-word path (Llama-2 digits) scores p(ws) * p(word | ws), via one cached step."""
+    adapter = load_adapter(dict(CFG), str(tiny_model_dirs[recipe]))  # fresh: its answer paths are changed
+    tok = adapter.processor.tokenizer
+    ws, one = tok.convert_tokens_to_ids("Ġ"), tok.convert_tokens_to_ids("1")
+    adapter.answer_paths["1"] = [(ws, one)]
+    adapter._prefixes = [ws]
+    images = load_images(image_rows, 3)
+    got = adapter.forward(images, QUESTION, [0, 4], ["last"])
+
+    model = adapter.model
+    inputs = adapter.build_inputs(images, QUESTION)
+    extended = dict(inputs)
+    n = inputs["input_ids"].shape[0]
+    extended["input_ids"] = torch.cat([inputs["input_ids"], torch.full((n, 1), ws)], dim=1)
+    extended["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(n, 1, dtype=torch.long)], dim=1)
+    if "mm_token_type_ids" in inputs:
+        extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(n, 1, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        first = model(**adapter.model_kwargs(inputs), use_cache=False).logits[:, -1].double().softmax(-1)
+        second = model(**adapter.model_kwargs(extended), use_cache=False).logits[:, -1].double().softmax(-1)
+    expected = (first[:, ws] * second[:, one]).numpy()
+    np.testing.assert_allclose(got.answer_probs[:, ANSWER_WORDS.index("1")], expected, rtol=1e-4, atol=1e-9)
+    plain = adapters[recipe].forward(images, QUESTION, [0, 4], ["last"])
+    np.testing.assert_allclose(got.vectors["last"], plain.vectors["last"], atol=1e-6)
+    others = [j for j, w in enumerate(ANSWER_WORDS) if w != "1"]
+    np.testing.assert_allclose(got.answer_probs[:, others], plain.answer_probs[:, others], rtol=1e-5)
+
+
+def test_answer_paths_for_a_vocabulary_without_space_digit_tokens():
+    """Llama-2-like: "1" is "▁" + "1"; words with a one-token spelling keep only that."""
+    vocab = {"▁": 1, "▁▁": 2, "1": 3, "0": 4, "▁yes": 5, "▁Yes": 6, "▁no": 7, "▁No": 8}
+    spell = {"yes": ["▁yes"], " yes": ["▁", "▁yes"], "Yes": ["▁Yes"], " Yes": ["▁", "▁Yes"],
+             "no": ["▁no"], " no": ["▁", "▁no"], "No": ["▁No"], " No": ["▁", "▁No"],
+             "1": ["▁", "1"], " 1": ["▁▁", "1"], "0": ["▁", "0"], " 0": ["▁▁", "0"]}
+    names = {v: k for k, v in vocab.items()}
+
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return [vocab[t] for t in spell[text]]
+
+        def decode(self, ids):
+            return "".join(names[i] for i in ids).replace("▁", " ")
+
+        def convert_ids_to_tokens(self, ids):
+            return [names[i] for i in ids]
+
+    from stagelens.prompts import answer_token_paths
+
+    paths = answer_token_paths(Tok())
+    assert paths["yes"] == [(5,)] and paths["No"] == [(8,)]
+    assert paths["1"] == [(1, 3), (2, 3)] and paths["0"] == [(1, 4), (2, 4)]
+    assert answer_token_ids(Tok())["1"] == [3]

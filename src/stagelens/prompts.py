@@ -52,37 +52,47 @@ def build_inputs(processor, images: Sequence[Image.Image], question: str, **proc
     )
 
 
-def _first_token(tokenizer, text: str) -> int | None:
-    """First token id of `text`, or None when that token is only whitespace (e.g. a lone space)."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if not ids:
+def _spelling_path(tokenizer, text: str) -> tuple[int, ...] | None:
+    """Token path the model emits to start `text`: its first non-whitespace token, preceded by
+    at most one whitespace-only token (Llama-2 spells "1" as "▁" then "1"); None otherwise."""
+    ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+    lead = 0
+    while lead < len(ids) and not tokenizer.decode(ids[lead : lead + 1]).strip():
+        lead += 1
+    if lead >= len(ids) or lead > 1:
         return None
-    if not tokenizer.decode(ids[:1]).strip():
-        return None
-    return int(ids[0])
+    return tuple(ids[: lead + 1])
+
+
+def answer_token_paths(tokenizer, words: Sequence[str] = ANSWER_WORDS) -> dict[str, list[tuple[int, ...]]]:
+    """Per answer word, the token paths scored: the start of the bare word and of " word".
+
+    A path is one token or, only for a word with no one-token spelling (Llama-2 digits: "▁"
+    then "1"), a whitespace-only token followed by the word's first token. A word's
+    probability is the max over its paths (the model emits one spelling or the other; max
+    never double counts); a two-token path scores p(ws) * p(token | ws). Raises if a word has
+    no path or two words share one (their probabilities could not be told apart).
+    """
+    paths: dict[str, list[tuple[int, ...]]] = {}
+    owner: dict[tuple[int, ...], str] = {}
+    for word in words:
+        found = [p for p in (_spelling_path(tokenizer, word), _spelling_path(tokenizer, " " + word)) if p is not None]
+        found = list(dict.fromkeys(found))
+        if any(len(p) == 1 for p in found):
+            found = [p for p in found if len(p) == 1]
+        if not found:
+            raise ValueError(f"answer word {word!r} has no usable first token in {type(tokenizer).__name__}")
+        for path in found:
+            if path in owner:
+                raise ValueError(
+                    f"answer words {owner[path]!r} and {word!r} share first token path {list(path)} "
+                    f"({tokenizer.convert_ids_to_tokens(list(path))!r}); their probabilities cannot be told apart"
+                )
+            owner[path] = word
+        paths[word] = found
+    return paths
 
 
 def answer_token_ids(tokenizer, words: Sequence[str] = ANSWER_WORDS) -> dict[str, list[int]]:
-    """Token ids scored for each answer word: first token of the bare word and of " word".
-
-    A word's probability is the max over its ids (the model emits one spelling or the other
-    after the template's last token; max never double counts). Candidates that decode to
-    whitespace only are dropped; duplicates are merged. Raises if a word has no usable id or
-    two words share one (their probabilities would be confounded).
-    """
-    ids: dict[str, list[int]] = {}
-    owner: dict[int, str] = {}
-    for word in words:
-        cands = [t for t in (_first_token(tokenizer, word), _first_token(tokenizer, " " + word)) if t is not None]
-        cands = list(dict.fromkeys(cands))
-        if not cands:
-            raise ValueError(f"answer word {word!r} has no non-whitespace first token in {type(tokenizer).__name__}")
-        for t in cands:
-            if t in owner:
-                raise ValueError(
-                    f"answer words {owner[t]!r} and {word!r} share first token id {t} "
-                    f"({tokenizer.convert_ids_to_tokens(t)!r}); their probabilities cannot be told apart"
-                )
-            owner[t] = word
-        ids[word] = cands
-    return ids
+    """Per answer word, the distinct word-start token ids of its paths (see answer_token_paths)."""
+    return {w: list(dict.fromkeys(p[-1] for p in ps)) for w, ps in answer_token_paths(tokenizer, words).items()}

@@ -19,7 +19,7 @@ from torch import nn
 from stagelens.models.base import ANSWER_WORDS, BatchVectors, ModelInfo
 from stagelens.models.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
 from stagelens.models.qwen_processor import load_qwen2_vl_processor, torchvision_available
-from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
+from stagelens.prompts import answer_token_paths, build_inputs, render_prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,7 +102,12 @@ class HFAdapter:
         self.position_ids = position_ids
         self.processor_kwargs = dict(processor_kwargs or {})
         self.blocks = find_decoder_layers(model)
-        self.answer_ids = answer_token_ids(processor.tokenizer)
+        # The text decoder: its position_ids input (1-D or M-RoPE) places a cached decode step.
+        self.decoder = model.get_decoder()
+        self.answer_paths = answer_token_paths(processor.tokenizer)
+        self.answer_ids = {w: list(dict.fromkeys(p[-1] for p in ps)) for w, ps in self.answer_paths.items()}
+        # Whitespace tokens that start a two-token answer path: each costs one cached decode step.
+        self._prefixes = sorted({p[0] for ps in self.answer_paths.values() for p in ps if len(p) == 2})
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
 
@@ -115,8 +120,9 @@ class HFAdapter:
             "image_processor_class": type(image_processor).__name__,
             "image_token_id": self.image_token_id,
             "position_ids": "cumsum(attention_mask)-1" if self.position_ids else "model default",
-            "answer_token_ids": self.answer_ids,
-            "answer_rule": "max softmax probability over the first token of 'word' and ' word'",
+            "answer_token_paths": {w: [list(p) for p in ps] for w, ps in self.answer_paths.items()},
+            "answer_rule": "max over the token paths starting 'word' and ' word' of the next-token "
+            "probability (p(ws) * p(token | ws) for a whitespace-then-token path)",
             **({"max_pixels": self.processor_kwargs["max_pixels"]} if "max_pixels" in self.processor_kwargs else {}),
         }
 
@@ -135,6 +141,30 @@ class HFAdapter:
             kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         return kwargs
 
+    def _next_probs(self, kwargs: dict, past, prompt_positions: torch.Tensor | None, token: int) -> torch.Tensor:
+        """Next-token distribution after appending `token` to every prompt (one cached step).
+
+        The step's position is the prompt's last position + 1 on every axis (1-D RoPE or
+        Qwen2-VL's 3-D M-RoPE: the last prompt token is text). The cache is cropped back
+        afterwards so further steps start from the prompt again.
+        """
+        mask = kwargs["attention_mask"]
+        n = mask.shape[0]
+        step = {
+            "input_ids": torch.full((n, 1), token, dtype=kwargs["input_ids"].dtype, device=mask.device),
+            "attention_mask": torch.cat([mask, mask.new_ones(n, 1)], dim=1),
+            "past_key_values": past,
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }
+        if prompt_positions is not None:
+            step["position_ids"] = prompt_positions[..., -1:] + 1
+        if "mm_token_type_ids" in kwargs:
+            step["mm_token_type_ids"] = kwargs["mm_token_type_ids"].new_zeros(n, 1)
+        logits = self.model(**step).logits[:, -1, :]
+        past.crop(-1)  # drop the appended token again
+        return logits.float().softmax(dim=-1)
+
     def forward(
         self,
         images: Sequence[Image.Image],
@@ -150,11 +180,30 @@ class HFAdapter:
         image_mask = inputs["input_ids"] == self.image_token_id
         capture = LayerCapture(self.blocks, layers, positions)
         capture.set_batch(last, image_mask)
-        with torch.inference_mode(), capture.attached():
-            out = self.model(**self.model_kwargs(inputs), logits_to_keep=1, use_cache=False)
-            probs = out.logits[:, -1, :].float().softmax(dim=-1)
+        kwargs = self.model_kwargs(inputs)
+        seen: dict[str, torch.Tensor | None] = {}
+
+        def keep_positions(_module, _args, module_kwargs):
+            seen["positions"] = module_kwargs.get("position_ids")
+
+        with torch.inference_mode():
+            with capture.attached():
+                handle = self.decoder.register_forward_pre_hook(keep_positions, with_kwargs=True) if self._prefixes else None
+                try:
+                    out = self.model(**kwargs, logits_to_keep=1, use_cache=bool(self._prefixes))
+                finally:
+                    if handle is not None:
+                        handle.remove()
+            probs = {(): out.logits[:, -1, :].float().softmax(dim=-1)}
+            for prefix in self._prefixes:
+                step = self._next_probs(kwargs, out.past_key_values, seen.get("positions"), prefix)
+                probs[(prefix,)] = probs[()][:, prefix : prefix + 1] * step
             answer = torch.stack(
-                [probs[:, ids].max(dim=1).values for ids in (self.answer_ids[w] for w in ANSWER_WORDS)], dim=1
+                [
+                    torch.stack([probs[path[:-1]][:, path[-1]] for path in self.answer_paths[w]], dim=1).max(dim=1).values
+                    for w in ANSWER_WORDS
+                ],
+                dim=1,
             )
         return BatchVectors(
             vectors=capture.vectors(),
