@@ -7,12 +7,15 @@ params, log, wildcards, threads, rule), so tests and benchmarks exercise the rea
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 REPO = Path(__file__).resolve().parents[1]
+_THREAD_VARS = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 _STUB = """
 import json, runpy, sys
@@ -64,7 +67,9 @@ def run_script(
         "rule": rule,
         "modules_out": str(modules_out) if modules_out else None,
     }
-    done = subprocess.run([sys.executable, "-c", _STUB, json.dumps(spec)], capture_output=True, text=True)
+    # Snakemake sets these for every script job (snakemake/shell.py); do the same.
+    env = {**os.environ, **{var: str(threads) for var in _THREAD_VARS}}
+    done = subprocess.run([sys.executable, "-c", _STUB, json.dumps(spec)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         log_text = Path(log).read_text() if Path(log).exists() else ""
         raise RuntimeError(f"{script} failed ({done.returncode}):\n{done.stderr}\n--- log ---\n{log_text}")

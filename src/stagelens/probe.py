@@ -79,6 +79,7 @@ def fit_probe(
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     if len(x) != len(y):
         raise ValueError(f"features have {len(x)} rows but labels {len(y)}")
@@ -99,7 +100,10 @@ def fit_probe(
         n_jobs=n_jobs,
         refit=True,
     )
-    search.fit(x, y)
+    # Parallelism comes from the CV fits (n_jobs processes); BLAS threads on top of them
+    # oversubscribe the cores, which made fits up to 80x slower on a busy 2-core machine.
+    with threadpool_limits(limits=1):
+        search.fit(x, y)
     best = search.best_estimator_
     scaler, lr = best[0], best[1]
     weight, bias = lr.coef_, lr.intercept_

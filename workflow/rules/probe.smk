@@ -26,7 +26,9 @@ rule train_probe:
         log_path("train_probe", "{model}", "layer{layer}"),
     benchmark:
         benchmark_path("train_probe", "{model}", "layer{layer}")
-    threads: 2
+    # More threads run CV fits in parallel processes (n_jobs); by default the DAG's many
+    # probe jobs are the parallelism.
+    threads: 1
     resources:
         mem_mb=4096,
         runtime=lambda wildcards: probe_runtime(wildcards.model),
