@@ -3,13 +3,6 @@
 # pyarrow, ~0.2 s): a paper run has about a thousand of them.
 
 
-def probe_runtime(model):
-    """Minutes for one train_probe job: two probes (real + control) x positions x the C grid."""
-    images = max(n_classes(), 1) * config["dataset"]["train_per_class"]
-    work = images * max(n_classes(), 2) * len(MODELS[model]["positions"]) * len(config["probe"]["Cs"])
-    return 10 + math.ceil(work / 100_000)
-
-
 rule train_probe:
     """Standardised multinomial logistic regression (C by CV) and its shuffled-label control."""
     input:
@@ -31,7 +24,15 @@ rule train_probe:
     threads: 1
     resources:
         mem_mb=4096,
-        runtime=lambda wildcards: probe_runtime(wildcards.model),
+        # Minutes: train images x classes x positions x C grid (two probes: real and control).
+        runtime=lambda wildcards: 10
+        + math.ceil(
+            max(n_classes(), 2) ** 2
+            * config["dataset"]["train_per_class"]
+            * len(MODELS[wildcards.model]["positions"])
+            * len(config["probe"]["Cs"])
+            / 100_000
+        ),
     script:
         "../../scripts/train_probe.py"
 

@@ -1,18 +1,6 @@
 # Per-model tables (aggregate), figures per model and across models, and the report entries.
 
 
-def model_description(model):
-    """What a caption says about a model: id or recipe, revision, positions, layers."""
-    cfg = MODELS[model]
-    return {
-        "source": cfg.get("path") or f"recipe {cfg.get('recipe')}",
-        "revision": cfg.get("revision", "main"),
-        "positions": ", ".join(cfg["positions"]),
-        "num_layers": cfg["num_layers"],
-        "dtype": cfg["dtype"],
-    }
-
-
 rule aggregate:
     """Tidy metrics, the model's own answers per prompt, and the detected stages of one model."""
     input:
@@ -40,34 +28,41 @@ rule aggregate:
         "../../scripts/aggregate.py"
 
 
-def _model_figure(figure, label):
-    """The SVG of a per-model figure, marked for the report."""
-    return report(
-        model_figure_path("{model}", figure, "svg"),
-        caption=f"../report/{figure}.rst",
-        category="Per model",
-        subcategory="{model}",
-        labels={"model": "{model}", "figure": label},
-    )
-
-
 rule figures:
     """Accuracy by layer, drop heatmap and answer shares of one model (PNG, SVG, Vega-Lite)."""
     input:
         metrics=aggregate_path("{model}", "metrics"),
         behaviour=aggregate_path("{model}", "behaviour"),
     output:
-        accuracy=_model_figure("accuracy", "accuracy by layer"),
+        accuracy=report(
+            model_figure_path("{model}", "accuracy", "svg"),
+            caption="../report/accuracy.rst",
+            category="Per model",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "accuracy by layer"},
+        ),
         accuracy_png=model_figure_path("{model}", "accuracy", "png"),
         accuracy_json=model_figure_path("{model}", "accuracy", "vl.json"),
-        drop_heatmap=_model_figure("drop_heatmap", "drop against the anchor"),
+        drop_heatmap=report(
+            model_figure_path("{model}", "drop_heatmap", "svg"),
+            caption="../report/drop_heatmap.rst",
+            category="Per model",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "drop against the anchor"},
+        ),
         drop_heatmap_png=model_figure_path("{model}", "drop_heatmap", "png"),
         drop_heatmap_json=model_figure_path("{model}", "drop_heatmap", "vl.json"),
-        answers=_model_figure("answers", "the model's own answers"),
+        answers=report(
+            model_figure_path("{model}", "answers", "svg"),
+            caption="../report/answers.rst",
+            category="Per model",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "the model's own answers"},
+        ),
         answers_png=model_figure_path("{model}", "answers", "png"),
         answers_json=model_figure_path("{model}", "answers", "vl.json"),
     params:
-        model=lambda wildcards: model_description(wildcards.model),
+        model=lambda wildcards: MODELS[wildcards.model],
         prompts=list(PROMPTS.values()),
         probe=config["probe"],
         evaluate=config["evaluate"],
@@ -98,7 +93,7 @@ rule depth_panel:
         png=depth_panel_path("png"),
         json=depth_panel_path("vl.json"),
     params:
-        models={model: model_description(model) for model in MODELS},
+        models=MODELS,
         probe=config["probe"],
         evaluate=config["evaluate"],
         stages=config["stages"],
