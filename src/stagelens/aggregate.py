@@ -10,6 +10,8 @@ from stagelens.stages import detect_stages, layer_reactions
 
 ANSWER_CLASSES = ("yes", "no", "1", "0")
 KEYS = ("model", "position", "layer", "prompt")
+# Identifying columns first, metrics after, in the order a reader scans a row.
+LEADING = ("model", "model_id", "revision", "position", "layer", "num_layers", "depth", "prompt", "family", "expected")
 
 
 def metrics_table(rows: Iterable[pl.DataFrame], num_layers: int) -> pl.DataFrame:
@@ -18,7 +20,9 @@ def metrics_table(rows: Iterable[pl.DataFrame], num_layers: int) -> pl.DataFrame
     duplicated = table.select(list(KEYS)).is_duplicated()
     if duplicated.any():
         raise ValueError(f"duplicate metrics rows for {table.filter(duplicated).select(list(KEYS)).head(3).rows()}")
-    return table.with_columns((pl.col("layer") / num_layers).alias("depth")).sort(list(KEYS))
+    table = table.with_columns((pl.col("layer") / num_layers).alias("depth")).sort(list(KEYS))
+    first = [c for c in LEADING if c in table.columns]
+    return table.select(*first, pl.exclude(first))
 
 
 def behaviour_row(answers: pl.DataFrame, prompt: Mapping[str, str]) -> dict[str, object]:

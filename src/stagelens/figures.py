@@ -73,8 +73,10 @@ def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
     )
     color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(data), sort=_series_order(data),
                       legend=alt.Legend(symbolType="stroke", symbolOpacity=1, symbolStrokeWidth=3))
-    x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1))
+    x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d"))
     y_scale = alt.Scale(domain=[0, 1])
+    # The anchor is drawn wider so it shows where a variant's line lies on top of it.
+    width = alt.condition(alt.datum.family == "anchor", alt.value(4), alt.value(2))
     # Every layer reads the one faceted data set (a layer with its own data would not be faceted).
     band = alt.Chart().mark_area(opacity=0.12).encode(
         x=x, y=alt.Y("accuracy_ci_low:Q", scale=y_scale), y2="accuracy_ci_high:Q", color=color
@@ -83,6 +85,7 @@ def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
         x=x,
         y=alt.Y("accuracy:Q", title="probe accuracy (test)", scale=y_scale),
         color=color,
+        strokeWidth=width,
         tooltip=["series", "layer", alt.Tooltip("accuracy:Q", format=".3f"),
                  alt.Tooltip("accuracy_ci_low:Q", format=".3f"), alt.Tooltip("accuracy_ci_high:Q", format=".3f"), "n"],
     )
@@ -168,6 +171,9 @@ def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> a
     """Drop vs normalised depth per model (one row each), the detected stages shaded behind."""
     variants = _series(metrics.filter((pl.col("position") == position) & (pl.col("family") != "anchor")))
     color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(variants), sort=_series_order(variants))
+    # One y range for all models (comparable rows), never narrower than -0.05..0.1.
+    y_scale = alt.Scale(domain=[min(-0.05, float(variants["drop"].min() or 0.0)),
+                                max(0.1, float(variants["drop"].max() or 0.0))], nice=True)
     rows = []
     for model in metrics["model"].unique().sort().to_list():
         part = _series(metrics.filter((pl.col("model") == model) & (pl.col("position") == position)
@@ -191,7 +197,7 @@ def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> a
             point=alt.OverlayMarkDef(size=14)
         ).encode(
             x=alt.X("depth:Q", scale=alt.Scale(domain=[0, 1])),
-            y=alt.Y("drop:Q", title="accuracy drop vs anchor"),
+            y=alt.Y("drop:Q", title="accuracy drop vs anchor", scale=y_scale),
             color=color,
             tooltip=["series", "layer", alt.Tooltip("depth:Q", format=".2f"), alt.Tooltip("drop:Q", format=".3f")],
         )
