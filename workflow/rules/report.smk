@@ -63,7 +63,6 @@ rule figures:
         answers_json=model_figure_path("{model}", "answers", "vl.json"),
     params:
         model=lambda wildcards: MODELS[wildcards.model],
-        prompts=list(PROMPTS.values()),
         probe=config["probe"],
         evaluate=config["evaluate"],
         stages=config["stages"],
