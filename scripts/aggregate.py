@@ -19,11 +19,11 @@ def write(table: pl.DataFrame, path: str) -> None:
 
 params = snakemake.params
 rows = [pl.read_parquet(path) for path in snakemake.input.metrics]
-num_layers = {int(n) for frame in rows for n in frame["num_layers"].unique()}
-if len(num_layers) != 1:
-    raise ValueError(f"metrics files of model {params.model_name!r} disagree on num_layers: {sorted(num_layers)}")
-metrics = metrics_table(rows, num_layers.pop())
-num_layers = int(metrics["num_layers"][0])
+found = {int(n) for frame in rows for n in frame["num_layers"].unique()}
+if len(found) != 1:
+    raise ValueError(f"metrics files of model {params.model_name!r} disagree on num_layers: {sorted(found)}")
+num_layers = found.pop()
+metrics = metrics_table(rows, num_layers)
 
 prompts = list(params.prompts)
 if len(prompts) != len(snakemake.input.answers):
