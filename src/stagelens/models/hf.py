@@ -3,7 +3,9 @@
 One forward pass per batch under torch.inference_mode: the processor's own chat template
 renders the prompt, every key the processor returns goes to the model, decoder-block hooks
 keep the requested positions, and the last position's softmax gives the answer-word
-probabilities (logits_to_keep=1, use_cache=False: no full-vocabulary logits per token).
+probabilities (logits_to_keep=1: no full-vocabulary logits per token). The KV cache is kept
+only where an answer word starts with a whitespace-only token (Llama-2 digits), for one
+cached decode step per such token.
 """
 
 from __future__ import annotations
