@@ -65,13 +65,14 @@ def random_probe(rng: np.random.Generator, n_classes: int, width: int) -> Probe:
                  scale=np.ones(width, np.float32), classes=np.arange(n_classes, dtype=np.int64))
 
 
-def bench_evaluate(root: Path, positions: tuple[str, ...], repeats: int) -> float:
+def bench_evaluate(root: Path, positions: tuple[str, ...], repeats: int,
+                   n_classes: int = N_CLASSES, per_class: int = TEST_PER_CLASS, width: int = WIDTH) -> float:
     rng = np.random.default_rng(0)
-    tag = "_".join(positions)
-    anchor = embeddings(root / f"anchor_{tag}.parquet", N_CLASSES, TEST_PER_CLASS, WIDTH, positions, "anchor", 1)
-    variant = embeddings(root / f"variant_{tag}.parquet", N_CLASSES, TEST_PER_CLASS, WIDTH, positions, "lex", 2)
-    save_probes({p: random_probe(rng, N_CLASSES, WIDTH) for p in positions}, root / f"probe_{tag}.safetensors", {})
-    save_probes({p: random_probe(rng, N_CLASSES, WIDTH) for p in positions}, root / f"control_{tag}.safetensors", {})
+    tag = "_".join(positions) + f"_{n_classes}x{per_class}x{width}"
+    anchor = embeddings(root / f"anchor_{tag}.parquet", n_classes, per_class, width, positions, "anchor", 1)
+    variant = embeddings(root / f"variant_{tag}.parquet", n_classes, per_class, width, positions, "lex", 2)
+    save_probes({p: random_probe(rng, n_classes, width) for p in positions}, root / f"probe_{tag}.safetensors", {})
+    save_probes({p: random_probe(rng, n_classes, width) for p in positions}, root / f"control_{tag}.safetensors", {})
     job = dict(
         input={"probe": root / f"probe_{tag}.safetensors", "control": root / f"control_{tag}.safetensors",
                "variant": variant, "anchor": anchor},
@@ -148,10 +149,12 @@ def main() -> None:
         eval_two = bench_evaluate(root, ("last", "image_mean"), args.repeats)
         # First read of one vector column in a fresh process: pq.read_table (what store.read_vectors
         # uses) imports pyarrow.dataset on first call; ParquetFile.read does not.
-        sample = root / "anchor_last_image_mean.parquet"
+        sample = root / f"anchor_last_image_mean_{N_CLASSES}x{TEST_PER_CLASS}x{WIDTH}.parquet"
         read_table = bench_python(f"import pyarrow.parquet as pq; pq.read_table('{sample}', columns=['sample_id', 'label', 'last'])", args.repeats)
         read_file = bench_python(f"import pyarrow.parquet as pq; pq.ParquetFile('{sample}').read(columns=['sample_id', 'label', 'last'])", args.repeats)
         eval_one = bench_evaluate(root, ("last",), args.repeats)
+        # The embedded default (config/config.yaml): 10 classes x 30 test images, SmolLM2 width 576.
+        eval_small = bench_evaluate(root, ("last", "image_mean"), args.repeats, n_classes=10, per_class=30, width=576)
         train = bench_train(root, max(1, args.repeats // 2))
         n_test = N_CLASSES * TEST_PER_CLASS
         print(f"python + evaluation imports (numpy, pyarrow, safetensors, stagelens): {floor:.3f} s")
@@ -160,6 +163,7 @@ def main() -> None:
               f"pq.ParquetFile(...).read {read_file:.3f} s")
         print(f"evaluate job, {n_test} test images x D={WIDTH}, {N_CLASSES} classes, 2 positions: {eval_two:.3f} s (median of {args.repeats})")
         print(f"evaluate job, {n_test} test images x D={WIDTH}, {N_CLASSES} classes, 1 position:  {eval_one:.3f} s (median of {args.repeats})")
+        print(f"evaluate job, 300 test images x D=576, 10 classes, 2 positions (embedded default): {eval_small:.3f} s (median of {args.repeats})")
         print(f"train_probe job, {TRAIN['classes'] * TRAIN['per_class']} train images x D={TRAIN['width']}, "
               f"{TRAIN['classes']} classes, 1 position, Cs={TRAIN['probe']['Cs']}, {TRAIN['probe']['cv_folds']}-fold CV, "
               f"probe + control: {train:.3f} s (median of {max(1, args.repeats // 2)})")
