@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -369,3 +370,21 @@ def test_answer_paths_for_a_vocabulary_without_space_digit_tokens():
     assert paths["yes"] == [(5,)] and paths["No"] == [(8,)]
     assert paths["1"] == [(1, 3), (2, 3)] and paths["0"] == [(1, 4), (2, 4)]
     assert answer_token_ids(Tok())["1"] == [3]
+
+
+def test_hub_id_from_offline_cache_records_the_commit(tiny_model_dirs, tmp_path):
+    """A hub id resolved from the local hub cache: loads, and the revision becomes the commit hash."""
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--stagelens--tiny-llava"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tiny_model_dirs["tiny-llava"], repo / "snapshots" / commit)
+    code = ("from stagelens.models import load_adapter; "
+            "print(load_adapter({'revision': 'main', 'device': 'cpu'}, 'stagelens/tiny-llava').info.revision)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == commit

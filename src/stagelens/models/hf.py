@@ -11,6 +11,7 @@ cached decode step per such token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -214,8 +215,17 @@ class HFAdapter:
         )
 
 
-def _commit_hash(model: nn.Module) -> str | None:
-    return getattr(model.config, "_commit_hash", None)
+def resolve_revision(model_path: str, revision: str | None) -> str:
+    """The commit hash the files came from where the hub cache tells it, else the requested revision.
+
+    Hub files resolve to `.../snapshots/<commit>/config.json`; a plain local directory does not.
+    """
+    from transformers.utils import cached_file
+
+    resolved = Path(cached_file(model_path, "config.json", revision=revision))
+    if "snapshots" in resolved.parts[:-1]:
+        return resolved.parts[resolved.parts.index("snapshots") + 1]
+    return str(revision or "main")
 
 
 def _load_processor(arch: Architecture | None, model_path: str, revision: str | None, model_cfg: dict, processor_kwargs: dict):
@@ -274,7 +284,7 @@ def load_hf_adapter(model_cfg: dict, model_path: str, arch: Architecture | None 
     num_layers = text_num_layers(model)
     info = ModelInfo(
         model_id=str(model_path),
-        revision=_commit_hash(model) or str(revision or "main"),
+        revision=resolve_revision(model_path, revision),
         architecture=type(model).__name__,
         dtype=str(model.dtype).removeprefix("torch."),
         device=str(device),
