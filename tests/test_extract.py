@@ -174,3 +174,25 @@ def test_float16_vectors_only_for_half_precision_models(adapters, samples, tiny_
     assert pq.read_schema(emb[0]).field("last").type.value_type == pa.float16()
     assert read_metadata(emb[0])["dtype"] == "bfloat16"
     assert read_vectors(emb[0])[2].dtype == np.float32
+
+
+class _ForwardOnly:
+    """An adapter with only the protocol's `forward` (no prepare/forward_prepared look-ahead)."""
+
+    def __init__(self, adapter):
+        self.adapter, self.info = adapter, adapter.info
+
+    def render_prompt(self, question):
+        return self.adapter.render_prompt(question)
+
+    def forward(self, *args):
+        return self.adapter.forward(*args)
+
+
+def test_look_ahead_and_plain_forward_paths_write_the_same(adapters, samples, tmp_path):
+    adapter = adapters["tiny-llava-next"]
+    emb_a, ans_a = run(adapter, samples, tmp_path / "a", layers=[0, 4], batch_size=2)
+    emb_b, ans_b = run(_ForwardOnly(adapter), samples, tmp_path / "b", layers=[0, 4], batch_size=2)
+    for a, b in zip(emb_a, emb_b):
+        assert pq.read_table(a).equals(pq.read_table(b))
+    assert pq.read_table(ans_a).equals(pq.read_table(ans_b))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -22,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stagelens import __version__
-from stagelens.models.base import ANSWER_WORDS, POSITIONS, LayerConvention, ModelAdapter
+from stagelens.models.base import ANSWER_WORDS, POSITIONS, BatchVectors, LayerConvention, ModelAdapter
 from stagelens.store import EmbeddingWriter, ParquetStreamWriter, answers_schema
 
 
@@ -60,6 +61,36 @@ def load_image(path: str) -> Image.Image:
 def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[Sequence[Sample]]:
     for start in range(0, len(samples), batch_size):
         yield samples[start : start + batch_size]
+
+
+def _run_batches(
+    adapter: ModelAdapter, samples: Sequence[Sample], batch_size: int, question: str, layers, positions
+) -> Iterator[tuple[Sequence[Sample], BatchVectors]]:
+    """(batch, forward output) per batch.
+
+    Adapters with `prepare` / `forward_prepared` get the next batch's images read and
+    processed in a worker thread while the model runs the current one (one batch ahead, so
+    memory stays bounded); others are called through `forward`.
+    """
+    chunks = list(batches(samples, batch_size))
+    if not (hasattr(adapter, "prepare") and hasattr(adapter, "forward_prepared")):
+        for batch in chunks:
+            yield batch, adapter.forward([load_image(s.path) for s in batch], question, layers, positions)
+        return
+
+    def prepare(batch: Sequence[Sample]):
+        return adapter.prepare([load_image(s.path) for s in batch], question)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagelens-prepare") as pool:
+        pending = pool.submit(prepare, chunks[0])
+        try:
+            for i, batch in enumerate(chunks):
+                prepared = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(prepare, chunks[i + 1])
+                yield batch, adapter.forward_prepared(prepared, layers, positions)
+        finally:
+            pending.cancel()
 
 
 def versions() -> dict[str, str]:
@@ -169,8 +200,7 @@ def extract(
         answers = ParquetStreamWriter(answers_path, answers_schema(ANSWER_WORDS, meta))
         writers.append(answers)
         with tqdm(total=len(samples), unit="img", file=sys.stderr, disable=not progress, desc=f"extract {split}/{prompt['id']}") as bar:
-            for batch in batches(samples, batch_size):
-                out = adapter.forward([load_image(s.path) for s in batch], prompt["text"], layers, positions)
+            for batch, out in _run_batches(adapter, samples, batch_size, prompt["text"], layers, positions):
                 ids = [s.sample_id for s in batch]
                 labels = np.asarray([s.label for s in batch], dtype=np.int32)
                 for i, writer in enumerate(emb_writers):

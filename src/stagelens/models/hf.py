@@ -134,8 +134,7 @@ class HFAdapter:
 
     def build_inputs(self, images: Sequence[Image.Image], question: str):
         """Processor outputs for a batch, on the model's device, floats in the model's dtype."""
-        inputs = build_inputs(self.processor, images, question)
-        return inputs.to(self._device).to(self._dtype)
+        return self.prepare(images, question).to(self._device).to(self._dtype)
 
     def model_kwargs(self, inputs) -> dict:
         """Forward kwargs: every processor key, plus positions for 1-D RoPE LMs."""
@@ -168,6 +167,11 @@ class HFAdapter:
         past.crop(-1)  # drop the appended token again
         return logits.float().softmax(dim=-1)
 
+    def prepare(self, images: Sequence[Image.Image], question: str):
+        """The CPU part of a forward (chat template, tokenizer, image processor); thread-safe,
+        so extraction can prepare the next batch while the model runs this one."""
+        return build_inputs(self.processor, images, question)
+
     def forward(
         self,
         images: Sequence[Image.Image],
@@ -175,7 +179,11 @@ class HFAdapter:
         layers: Sequence[int],
         positions: Sequence[str],
     ) -> BatchVectors:
-        inputs = self.build_inputs(images, question)
+        return self.forward_prepared(self.prepare(images, question), layers, positions)
+
+    def forward_prepared(self, prepared, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
+        """`forward` on the output of `prepare`."""
+        inputs = prepared.to(self._device).to(self._dtype)
         mask = inputs["attention_mask"]
         last = last_token_index(mask)
         if bool((last != mask.shape[1] - 1).any()):
