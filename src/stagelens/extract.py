@@ -188,7 +188,7 @@ def extract(
         raise ValueError("no samples to extract")
     layers = [int(layer) for layer in layers]
     check_request(adapter, layers, positions, embedding_paths, num_layers, model_name, vector_dtype)
-    meta = run_metadata(adapter, model_name, prompt, split, positions)
+    meta = {**run_metadata(adapter, model_name, prompt, split, positions), "vector_dtype": vector_dtype}
     dim = adapter.info.hidden_size
     writers: list[ParquetStreamWriter] = []
     start = time.perf_counter()
