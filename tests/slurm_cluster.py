@@ -51,8 +51,20 @@ def unavailable_reason() -> str | None:
         )
     if os.geteuid() != 0:
         return "starting slurmd and munged needs root"
-    if SYSTEM_CONF.exists() and MARKER not in SYSTEM_CONF.read_text(errors="replace"):
-        return f"{SYSTEM_CONF} already exists (a real Slurm is configured); not overwriting it"
+    if SYSTEM_CONF.exists():
+        text = SYSTEM_CONF.read_text(errors="replace")
+        if MARKER not in text:
+            return f"{SYSTEM_CONF} already exists (a real Slurm is configured); not overwriting it"
+        pid_file = _conf_value(text, "SlurmctldPidFile")
+        if pid_file and _pid_from_file(Path(pid_file)) is not None:
+            return f"another test cluster is running (see {SYSTEM_CONF})"
+    return None
+
+
+def _conf_value(text: str, key: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith(f"{key}="):
+            return line.split("=", 1)[1].strip()
     return None
 
 
@@ -91,6 +103,8 @@ SelectTypeParameters=CR_Core_Memory
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
+# Reject at submission what the node can never run, instead of leaving it pending forever.
+EnforcePartLimits=ALL
 ReturnToService=2
 MinJobAge=300
 StateSaveLocation={root}/state
@@ -178,22 +192,27 @@ def start(root: Path, timeout: float = 60.0) -> SlurmCluster:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (exited, not yet reaped by its parent) counts as gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _pid_from_file(path: Path) -> int | None:
+    """The live process a pid file names, or None."""
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
 
 
 def _stop_pid_file(path: Path, timeout: float = 10.0) -> None:
     """Stop the process named in a pid file: SIGTERM, then SIGKILL if it lingers."""
-    if not path.exists():
-        return
-    try:
-        pid = int(path.read_text().strip())
-    except ValueError:
-        return
-    if not _pid_alive(pid):
+    pid = _pid_from_file(path)
+    if pid is None:
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
