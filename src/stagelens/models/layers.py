@@ -73,18 +73,36 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.to(torch.long) * (positions + 1)).argmax(dim=1)
 
 
-def _reduce(hidden: torch.Tensor, position: str, last_index: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
-    """(batch, tokens, width) -> (batch, width) float32 at one kept position."""
-    if position == "last":
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, last_index.to(hidden.device)].to(torch.float32)
-    if position == "image_mean":
-        if image_mask is None:
-            raise ValueError("position 'image_mean' needs an image token mask")
-        mask = image_mask.to(hidden.device)
-        # Per row, convert only the image tokens to float32 and average them there.
-        return torch.stack([hidden[b][mask[b]].to(torch.float32).mean(dim=0) for b in range(hidden.shape[0])])
-    raise ValueError(f"unknown position {position!r}; known: last, image_mean")
+class _Positions:
+    """Where the kept positions are in one batch, as index tensors computed once per batch.
+
+    Gathering with precomputed indices never synchronises with the device inside a hook
+    (boolean-mask indexing would, once per layer and row).
+    """
+
+    def __init__(self, last_index: torch.Tensor, image_mask: torch.Tensor | None):
+        self.batch = int(last_index.shape[0])
+        self.rows = torch.arange(self.batch, device=last_index.device)
+        self.last = last_index
+        self.image_rows = self.image_cols = self.image_counts = None
+        if image_mask is not None:
+            self.image_rows, self.image_cols = image_mask.nonzero(as_tuple=True)
+            self.image_counts = image_mask.sum(dim=1, keepdim=True).to(torch.float32)
+
+    def reduce(self, hidden: torch.Tensor, position: str) -> torch.Tensor:
+        """(batch, tokens, width) -> (batch, width) float32 at one kept position."""
+        device = hidden.device
+        if position == "last":
+            return hidden[self.rows.to(device), self.last.to(device)].to(torch.float32)
+        if position == "image_mean":
+            if self.image_rows is None:
+                raise ValueError("position 'image_mean' needs an image token mask")
+            rows = self.image_rows.to(device)
+            # Only the image tokens are converted to float32, then summed per row.
+            tokens = hidden[rows, self.image_cols.to(device)].to(torch.float32)
+            sums = torch.zeros(self.batch, hidden.shape[-1], dtype=torch.float32, device=device).index_add_(0, rows, tokens)
+            return sums / self.image_counts.to(device)
+        raise ValueError(f"unknown position {position!r}; known: last, image_mean")
 
 
 class LayerCapture:
@@ -108,24 +126,22 @@ class LayerCapture:
         self.positions = list(positions)
         self._slot = {layer: i for i, layer in enumerate(self.layers)}
         self._kept: dict[str, list[torch.Tensor | None]] = {}
-        self._last_index: torch.Tensor | None = None
-        self._image_mask: torch.Tensor | None = None
+        self._where: _Positions | None = None
 
     def set_batch(self, last_index: torch.Tensor, image_mask: torch.Tensor | None) -> None:
         if "image_mean" in self.positions and image_mask is not None:
             empty = (image_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
             if empty:
                 raise ValueError(f"batch rows {empty} hold no image tokens: image_mean is undefined")
-        self._last_index = last_index
-        self._image_mask = image_mask
+        self._where = _Positions(last_index, image_mask)
         self._kept = {pos: [None] * len(self.layers) for pos in self.positions}
 
     def _store(self, layer: int, hidden: torch.Tensor) -> None:
-        if self._last_index is None:
+        if self._where is None:
             raise RuntimeError("LayerCapture.set_batch was not called before the forward pass")
         slot = self._slot[layer]
         for pos in self.positions:
-            self._kept[pos][slot] = _reduce(hidden, pos, self._last_index, self._image_mask)
+            self._kept[pos][slot] = self._where.reduce(hidden, pos)
 
     def _pre_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -160,5 +176,6 @@ class LayerCapture:
             missing = [self.layers[i] for i, t in enumerate(kept) if t is None]
             if missing:
                 raise RuntimeError(f"no hidden state captured at layers {missing}: did the forward run?")
-            out[pos] = torch.stack([t.cpu() for t in kept]).numpy()
+            # One device-to-host copy per position (blocks may sit on several devices).
+            out[pos] = torch.stack([t.to(kept[0].device) for t in kept]).cpu().numpy()
         return out
