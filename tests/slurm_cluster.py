@@ -1,10 +1,11 @@
 """Start and stop a throwaway single-node Slurm (munged + slurmctld + slurmd) for tests.
 
 Everything the daemons write (munge key and socket, state, spool, logs, pid files) lives under one
-directory the caller owns. The one path outside it is /etc/slurm/slurm.conf: job steps launched
-inside a Slurm job drop SLURM_CONF from their environment, so the configuration must sit at the
-compiled-in default. The file is only written when absent (or left by an earlier run of this
-module, recognised by its marker line) and is removed again at stop.
+directory the caller owns. The paths outside it are /etc/slurm/slurm.conf and gres.conf: job
+steps launched inside a Slurm job drop SLURM_CONF from their environment, so the configuration
+must sit at the compiled-in default. They are only written when absent (or left by an earlier run
+of this module, recognised by their marker line) and are removed again at stop. The node has one
+GPU without a device (a counted GRES), so jobs that ask for a GPU are scheduled and run on the CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
+GRES_CONF = SYSTEM_CONF.with_name("gres.conf")
 MARKER = "# written by stagelens tests/slurm_cluster.py; removed when the test cluster stops"
 PARTITION = "debug"
 REQUIRED_PROGRAMS = ("munged", "munge", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scancel")
@@ -51,6 +53,8 @@ def unavailable_reason() -> str | None:
         )
     if os.geteuid() != 0:
         return "starting slurmd and munged needs root"
+    if GRES_CONF.exists() and MARKER not in GRES_CONF.read_text(errors="replace"):
+        return f"{GRES_CONF} already exists (a real Slurm is configured); not overwriting it"
     if SYSTEM_CONF.exists():
         text = SYSTEM_CONF.read_text(errors="replace")
         if MARKER not in text:
@@ -106,6 +110,10 @@ JobCompType=jobcomp/none
 # Reject at submission what the node can never run, instead of leaving it pending forever.
 EnforcePartLimits=ALL
 ReturnToService=2
+# One GPU without a device file (gres.conf): jobs asking for --gpus=1 are scheduled as on a GPU
+# node, so the GPU requests of the rules are exercised; the work itself runs on the CPU.
+GresTypes=gpu
+SlurmdParameters=config_overrides
 MinJobAge=300
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
@@ -113,7 +121,7 @@ SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.pid
 SlurmctldLogFile={root}/log/slurmctld.log
 SlurmdLogFile={root}/log/slurmd.log
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:1 State=UNKNOWN
 PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -157,6 +165,7 @@ def start(root: Path, timeout: float = 60.0) -> SlurmCluster:
     (root / "slurm.conf").write_text(conf_text)  # a copy next to the logs, for debugging
     SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
     SYSTEM_CONF.write_text(conf_text)
+    GRES_CONF.write_text(f"{MARKER}\nNodeName={node} Name=gpu File=/dev/null\n")
 
     key = root / "munge" / "munge.key"
     key.write_bytes(os.urandom(1024))
@@ -229,5 +238,6 @@ def stop(cluster: SlurmCluster) -> None:
         subprocess.run(["scancel", f"--partition={cluster.partition}"], capture_output=True)
     for pid_file in cluster.pid_files:
         _stop_pid_file(pid_file)
-    if cluster.conf.exists() and MARKER in cluster.conf.read_text(errors="replace"):
-        cluster.conf.unlink()
+    for conf in (cluster.conf, GRES_CONF):
+        if conf.exists() and MARKER in conf.read_text(errors="replace"):
+            conf.unlink()

@@ -4,7 +4,8 @@ The cluster is started by the `slurm` fixture (tests/slurm_cluster.py) and needs
 Debian's slurm-wlm and munge (.ci/run installs them). Without them the tests skip, except in CI
 (CI=true), where they fail. The runs use profiles/slurm unchanged except for what a one-node
 cluster without accounting needs: its core count, squeue for job status, no account, the debug
-partition, and a short first status check.
+partition, and a short first status check. The node has one GPU without a device, so a job that
+asks for a GPU is scheduled as on a GPU node and runs on the CPU.
 """
 
 from __future__ import annotations
@@ -124,6 +125,18 @@ def test_workflow_on_slurm_matches_a_local_run(slurm, images, tmp_path):
         assert got.equals(expected, check_metadata=True), rel
 
 
+def slurm_job_ids(output: str, log_folder: str) -> list[str]:
+    """Slurm job ids of the submissions logged under slurm_logs/<log_folder>/."""
+    return re.findall(rf"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/{log_folder}/", output)
+
+
+def tres_per_job(job_id: str) -> str:
+    """What a job asked for beyond CPUs and memory (e.g. gres/gpu:1), from slurmctld."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"TresPerJob=(\S+)", shown)
+    return match.group(1) if match else ""
+
+
 def test_failed_slurm_job_names_its_log_and_a_rerun_does_only_the_rest(slurm, images, tmp_path):
     broken_images = tmp_path / "images"
     shutil.copytree(images, broken_images)
@@ -133,10 +146,13 @@ def test_failed_slurm_job_names_its_log_and_a_rerun_does_only_the_rest(slurm, im
     cfg = tiny_config(broken_images)
     # 5 + 3 = every image of a class, so the broken one is always read.
     cfg["dataset"].update(train_per_class=5, test_per_class=3, on_broken_image="error")
+    # device auto: extraction asks Slurm for a GPU (the test node has one without a device;
+    # without CUDA the job runs on the CPU).
+    cfg["models"]["tiny-llava"]["device"] = "auto"
     workdir = tmp_path / "run"
     workdir.mkdir()
     configfile = write_config(workdir, cfg)
-    targets = ("results/data/manifest.parquet", "results/models/tiny-llava")
+    targets = ("results/models/tiny-llava", "results/tiny-llava/answers/train/anchor.parquet")
     cmd = snakemake_cmd(workdir, configfile, "slurm", *slurm_args(slurm), *targets)
 
     failed = run(cmd, workdir)
@@ -156,6 +172,11 @@ def test_failed_slurm_job_names_its_log_and_a_rerun_does_only_the_rest(slurm, im
 
     broken.write_bytes(good_bytes)
     rerun = run(cmd, workdir)
-    assert job_counts(rerun) == {"prepare_dataset": 1}
-    assert submissions(rerun.stdout + rerun.stderr) == ["rule_prepare_dataset"]
-    assert (workdir / "results" / "data" / "manifest.parquet").is_file()
+    assert job_counts(rerun) == {"prepare_dataset": 1, "extract_tiny_llava": 1}
+    out = rerun.stdout + rerun.stderr
+    assert sorted(submissions(out)) == ["rule_extract_tiny_llava", "rule_prepare_dataset"]
+    assert (workdir / "results" / "tiny-llava" / "answers" / "train" / "anchor.parquet").is_file()
+    [extract_job] = slurm_job_ids(out, "rule_extract_tiny_llava")
+    [prepare_job] = slurm_job_ids(out, "rule_prepare_dataset")
+    assert re.fullmatch(r"gres/gpu:1|gres:gpu:1", tres_per_job(extract_job))
+    assert "gpu" not in tres_per_job(prepare_job)
