@@ -135,7 +135,7 @@ def test_merge_puts_projected_patches_at_image_tokens(model, images):
     ids = model.tokenizer(model.render_prompt(QUESTION), add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = ids.repeat(len(images), 1)
     with torch.no_grad():
-        merged = model.inputs_embeds(ids, images)
+        merged = model.inputs_embeds(ids, model.pixel_values(images))
         patches = model.vision(model.pixel_values(images))
         projected = model.projector.fc2(torch.nn.functional.gelu(model.projector.fc1(patches)))
         table = model.lm.get_input_embeddings().weight
@@ -177,7 +177,7 @@ def test_adapter_shapes_and_values_match_a_plain_forward(model, images):
     ids = ids.repeat(len(images), 1)
     is_image = ids[0] == model.config.image_token_id
     with torch.no_grad():
-        full = model.lm(inputs_embeds=model.inputs_embeds(ids, images), output_hidden_states=True)
+        full = model.lm(inputs_embeds=model.inputs_embeds(ids, model.pixel_values(images)), output_hidden_states=True)
     hidden = full.hidden_states
     for slot, layer in enumerate(layers[:-1]):  # hidden_states[L] is post-norm; checked below
         np.testing.assert_allclose(out.vectors["last"][slot], hidden[layer][:, -1].numpy(), rtol=1e-5, atol=1e-5)

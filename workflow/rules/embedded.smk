@@ -11,7 +11,8 @@ def embedded_models():
 
 # The projector recipe (~4 minutes on 2 idle CPU cores); changing a value retrains the projector.
 PROJECTOR_TRAINING = dict(
-    steps=100, batch_size=8, learning_rate=1e-3, weight_decay=0.0, warmup_steps=10, seed=config["seed"]
+    steps=100, batch_size=8, learning_rate=1e-3, weight_decay=0.0, warmup_steps=10, yes_no_share=0.5,
+    seed=config["seed"],
 )
 
 

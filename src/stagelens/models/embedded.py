@@ -141,9 +141,9 @@ class EmbeddedMLLM(nn.Module):
         embeds = embed(safe_ids)
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
-    def inputs_embeds(self, input_ids: torch.Tensor, images: Sequence[Image.Image]) -> torch.Tensor:
-        device = input_ids.device
-        pixels = self.pixel_values(images).to(device=device, dtype=self.projector.fc1.weight.dtype)
+    def inputs_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """LM input vectors for token ids + preprocessed images (see `pixel_values`)."""
+        pixels = pixel_values.to(device=input_ids.device, dtype=self.projector.fc1.weight.dtype)
         return self.merge(input_ids, self.image_embeddings(self.vision(pixels)))
 
     def save_pretrained(self, out_dir: Path) -> None:
@@ -212,6 +212,14 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 
 
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Token ids (batch, T) and normalised pixels (batch, 3, 224, 224) of one batch."""
+
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor
+
+
 class EmbeddedAdapter:
     """`ModelAdapter` for the embedded model: one forward pass, per-layer vectors kept by hooks."""
 
@@ -225,7 +233,13 @@ class EmbeddedAdapter:
     def render_prompt(self, question: str) -> str:
         return self.model.render_prompt(question)
 
-    @torch.no_grad()
+    def prepare(self, images: Sequence[Image.Image], question: str) -> PreparedBatch:
+        """The CPU part of a forward (template, tokenizer, image resize); thread-safe, so
+        extraction can prepare the next batch while the model runs this one."""
+        ids = self.model.tokenizer(self.render_prompt(question), add_special_tokens=False, return_tensors="pt")
+        # Same question and a fixed number of image tokens for every sample: no padding.
+        return PreparedBatch(ids["input_ids"].repeat(len(images), 1), self.model.pixel_values(images))
+
     def forward(
         self,
         images: Sequence[Image.Image],
@@ -233,17 +247,20 @@ class EmbeddedAdapter:
         layers: Sequence[int],
         positions: Sequence[str],
     ) -> BatchVectors:
+        return self.forward_prepared(self.prepare(images, question), layers, positions)
+
+    @torch.no_grad()
+    def forward_prepared(self, prepared: PreparedBatch, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
+        """`forward` on the output of `prepare`."""
         model = self.model
         device = next(model.parameters()).device
         capture = LayerCapture(self._blocks, layers, positions)
-        # Every sample has the same question and a fixed number of image tokens: no padding.
-        ids = model.tokenizer(self.render_prompt(question), add_special_tokens=False, return_tensors="pt")
-        input_ids = ids["input_ids"].to(device).repeat(len(images), 1)
+        input_ids = prepared.input_ids.to(device)
         attention_mask = torch.ones_like(input_ids)
         image_mask = input_ids == model.config.image_token_id
         capture.set_batch(last_token_index(attention_mask), image_mask)
         with capture.attached():
-            inputs_embeds = model.inputs_embeds(input_ids, images)
+            inputs_embeds = model.inputs_embeds(input_ids, prepared.pixel_values)
             out = model.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         probs = out.logits[:, -1, :].float().softmax(dim=-1).cpu()
         # Same scoring as the HF adapters: a word's probability is the max over its spellings.

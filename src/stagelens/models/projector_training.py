@@ -1,8 +1,13 @@
-"""Train the embedded model's projector by captioning: LM and vision frozen, only the MLP learns.
+"""Train the embedded model's projector: LM and vision encoder frozen, only the MLP learns.
 
-Each training image is paired with a caption instruction and the target answer "This is a
-picture of a <class name>." rendered with the LM's chat template; the loss is next-token
-cross-entropy on the answer tokens only. Vision features are computed once, up front.
+Each training image gets, at random, either a caption instruction with the target answer
+"This is a picture of a <class name>." or a yes/no question about one object ("Is this a
+picture of a coat?"), true for half of the questions (the image's own class) and false for the
+other half (another class or an unrelated object). Rendered with the LM's chat template; the loss
+is next-token cross-entropy on the answer tokens only. The questions teach the LM to answer
+yes/no about the image rather than to caption every prompt; none of them asks about
+"clothing" or "animals", the words the default config's probing prompts use.
+Vision features are computed once, up front.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ CAPTION_INSTRUCTIONS = (
     "What does this picture show?",
     "What kind of object is this?",
 )
+# Yes/no questions about one object; {object} is e.g. "a coat".
+YES_NO_QUESTIONS = (
+    "Is this a picture of {object}? Answer yes or no.",
+    "Does the image contain {object}? Answer with yes or no.",
+)
+# False objects besides the other classes, so that "no" is not only about close cousins.
+UNRELATED_OBJECTS = ("a car", "a house", "a tree", "a boat", "a chair", "a cup", "a bicycle", "a mountain")
 
 
 @dataclass(frozen=True)
@@ -37,14 +49,33 @@ class TrainSettings:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     seed: int = 0
+    yes_no_share: float = 0.5  # fraction of examples that are yes/no questions
+
+
+def object_phrase(class_name: str) -> str:
+    """A class name as a noun phrase: "Ankle boot" -> "an ankle boot", "T-shirt/top" -> "a T-shirt or top"."""
+    name = class_name.replace("/", " or ")
+    name = name if "-" in name.split()[0] else name.lower()  # keep "T-shirt"
+    article = "an" if name[0].lower() in "aeiou" else "a"
+    return f"{article} {name}"
 
 
 def caption_text(class_name: str) -> str:
     """Target answer for one class, e.g. "This is a picture of an ankle boot."."""
-    name = class_name.replace("/", " or ")
-    name = name if name[:2].isupper() or "-" in name.split()[0] else name.lower()
-    article = "an" if name[0].lower() in "aeiou" else "a"
-    return f"This is a picture of {article} {name}."
+    return f"This is a picture of {object_phrase(class_name)}."
+
+
+def sample_example(label: int, class_names: Sequence[str], yes_no_share: float, rng: np.random.Generator) -> tuple[str, str]:
+    """(instruction, answer) for one image of class `label`: a caption or a yes/no question."""
+    if rng.random() >= yes_no_share:
+        instruction = CAPTION_INSTRUCTIONS[rng.integers(len(CAPTION_INSTRUCTIONS))]
+        return instruction, caption_text(class_names[label])
+    template = YES_NO_QUESTIONS[rng.integers(len(YES_NO_QUESTIONS))]
+    if rng.random() < 0.5:
+        return template.format(object=object_phrase(class_names[label])), "Yes."
+    others = [object_phrase(name) for i, name in enumerate(class_names) if i != label and name]
+    distractors = others + list(UNRELATED_OBJECTS)
+    return template.format(object=distractors[rng.integers(len(distractors))]), "No."
 
 
 @torch.no_grad()
@@ -104,11 +135,6 @@ def train_projector(
     pad_id = model.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = model.tokenizer.eos_token_id
-    examples = {
-        (label, k): encode_example(model, instruction, caption_text(class_names[label]))
-        for label in sorted(set(labels.tolist()))
-        for k, instruction in enumerate(CAPTION_INSTRUCTIONS)
-    }
     optimizer = torch.optim.AdamW(
         model.projector.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
@@ -127,8 +153,8 @@ def train_projector(
             order, cursor = rng.permutation(len(labels)), 0
         index = order[cursor : cursor + settings.batch_size]
         cursor += settings.batch_size
-        instructions = rng.integers(len(CAPTION_INSTRUCTIONS), size=len(index))
-        batch = [examples[(int(labels[i]), int(k))] for i, k in zip(index, instructions)]
+        pairs = [sample_example(int(labels[i]), class_names, settings.yes_no_share, rng) for i in index]
+        batch = [encode_example(model, instruction, answer) for instruction, answer in pairs]
         input_ids, attention, scored = batch_tensors(batch, pad_id)
         loss = caption_loss(model, features[torch.from_numpy(index)], input_ids, attention, scored)
         optimizer.zero_grad(set_to_none=True)
@@ -144,5 +170,7 @@ def train_projector(
         "train_seconds": time.perf_counter() - started,
         "n_train_images": int(len(labels)),
         "caption_instructions": list(CAPTION_INSTRUCTIONS),
+        "yes_no_questions": list(YES_NO_QUESTIONS),
+        "unrelated_objects": list(UNRELATED_OBJECTS),
         "caption_example": caption_text(class_names[0]),
     }
