@@ -219,3 +219,19 @@ def test_write_and_read_back(tree, tmp_path):
     meta = manifest_metadata(out)
     assert meta["seed"] == 0 and meta["n_skipped_broken"] == 0
     assert meta["counts"]["cat"] == {"train": 3, "test": 2}
+
+
+def test_stanford_dogs_folders_match_the_wordnet_id_list(tmp_path):
+    """`n02085620-Chihuahua/` (Stanford Dogs) and `n02085620/` (ImageNet) take the same list."""
+    class_list = tmp_path / "dogs.tsv"
+    class_list.write_text("folder\tname\nn02085620\tChihuahua\nn02085782\tJapanese spaniel\n")
+    imagenet = make_tree(tmp_path / "imagenet", {"n02085620": 6, "n02085782": 6, "n09999999": 6})
+    stanford = make_tree(tmp_path / "stanford", {"n02085620-Chihuahua": 6, "n02085782-Japanese_spaniel": 6})
+    by_id = build_manifest(str(imagenet), 0, 3, 2, class_list=str(class_list))
+    by_prefix = build_manifest(str(stanford), 0, 3, 2, class_list=str(class_list))
+    assert {(r["label"], r["class_name"]) for r in rows(by_prefix)} == {(0, "Chihuahua"), (1, "Japanese spaniel")}
+    assert {(r["label"], r["class_name"]) for r in rows(by_prefix)} == {(r["label"], r["class_name"]) for r in rows(by_id)}
+    assert all(r["sample_id"].startswith(("n02085620-Chihuahua/", "n02085782-Japanese_spaniel/")) for r in rows(by_prefix))
+    ambiguous = make_tree(tmp_path / "ambiguous", {"n02085620-a": 6, "n02085620-b": 6, "n02085782": 6})
+    with pytest.raises(DatasetError, match="matches several folders"):
+        build_manifest(str(ambiguous), 0, 3, 2, class_list=str(class_list))

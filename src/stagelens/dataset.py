@@ -116,15 +116,31 @@ def image_error(path: str | os.PathLike) -> str | None:
 
 
 def choose_classes(folders: Sequence[str], class_list: Sequence[ImageClass] | None) -> list[ImageClass]:
-    """The ordered classes: the class list (every folder must exist), else the sorted folders."""
+    """The ordered classes: the class list (every folder must exist), else the sorted folders.
+
+    A listed folder also matches one on-disk folder named "<folder>-<anything>", so Stanford
+    Dogs (`n02085620-Chihuahua/`) works with the same WordNet-id list as ImageNet (`n02085620/`).
+    """
     if class_list is None:
         return [ImageClass(folder, folder) for folder in sorted(folders)]
     present = set(folders)
-    absent = [cls.folder for cls in class_list if cls.folder not in present]
+    chosen: list[ImageClass] = []
+    absent: list[str] = []
+    for cls in class_list:
+        if cls.folder in present:
+            chosen.append(cls)
+            continue
+        prefixed = sorted(f for f in folders if f.startswith(f"{cls.folder}-"))
+        if len(prefixed) > 1:
+            raise DatasetError(f"class list folder {cls.folder!r} matches several folders: {', '.join(prefixed)}")
+        if prefixed:
+            chosen.append(ImageClass(prefixed[0], cls.name))
+        else:
+            absent.append(cls.folder)
     if absent:
         shown = ", ".join(absent[:5]) + (f" (+{len(absent) - 5} more)" if len(absent) > 5 else "")
         raise DatasetError(f"class list names {len(absent)} folder(s) missing from the dataset root: {shown}")
-    return list(class_list)
+    return chosen
 
 
 def candidate_order(files: Sequence[str], folder: str, seed: int) -> list[str]:
