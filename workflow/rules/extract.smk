@@ -25,8 +25,9 @@ for _model in MODELS:
             benchmark_path(f"extract_{_model}", "{split}", "{prompt}")
         threads: extract_threads(_model)
         resources:
-            mem_mb=extract_mem_mb(_model),
-            runtime=lambda wildcards, m=_model: extract_runtime(m, wildcards.split),
+            # A retry (profiles: retries) gets twice the memory and time.
+            mem_mb=lambda wildcards, attempt, m=_model: extract_mem_mb(m) * attempt,
+            runtime=lambda wildcards, attempt, m=_model: extract_runtime(m, wildcards.split) * attempt,
             gpu=extract_gpu(_model),
         script:
             "../../scripts/extract.py"

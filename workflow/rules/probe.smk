@@ -24,14 +24,18 @@ rule train_probe:
     threads: 1
     resources:
         mem_mb=4096,
-        # Minutes: train images x classes x positions x C grid (two probes: real and control).
-        runtime=lambda wildcards: 10
-        + math.ceil(
-            max(n_classes(), 2) ** 2
-            * config["dataset"]["train_per_class"]
-            * len(MODELS[wildcards.model]["positions"])
-            * len(config["probe"]["Cs"])
-            / 100_000
+        # Minutes: train images x classes x positions x C grid (+1: the control probe, fitted at the chosen C).
+        # A retry (profiles: retries) gets twice the time.
+        runtime=lambda wildcards, attempt: attempt
+        * (
+            10
+            + math.ceil(
+                max(n_classes(), 2) ** 2
+                * config["dataset"]["train_per_class"]
+                * len(MODELS[wildcards.model]["positions"])
+                * (len(config["probe"]["Cs"]) + 1)
+                / 100_000
+            )
         ),
     script:
         "../../scripts/train_probe.py"
