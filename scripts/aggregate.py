@@ -28,8 +28,10 @@ metrics = metrics_table(rows, num_layers)
 prompts = list(params.prompts)
 if len(prompts) != len(snakemake.input.answers):
     raise ValueError(f"{len(prompts)} prompts but {len(snakemake.input.answers)} answers files")
+answers = [pl.read_parquet(path) for path in snakemake.input.answers]
+anchor = answers[0]  # params.prompts is config.all_prompts: the anchor first
 behaviour = pl.DataFrame(
-    [behaviour_row(pl.read_parquet(path), prompt) for prompt, path in zip(prompts, snakemake.input.answers)]
+    [behaviour_row(frame, prompt, anchor) for prompt, frame in zip(prompts, answers)]
 ).with_columns(pl.lit(params.model_name).alias("model"))
 behaviour = behaviour.select("model", pl.exclude("model"))
 

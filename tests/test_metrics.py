@@ -196,3 +196,16 @@ def test_behaviour_row_case_folds_answers_and_scores_agreement():
     assert row["mean_p_yes"] == pytest.approx(0.7)
     fmt = behaviour_row(answers, {"id": "fmt", "family": "format", "expected": "1"})
     assert fmt["agreement"] == pytest.approx(1 / 6)
+
+
+def test_behaviour_row_pairs_answers_with_the_anchor():
+    anchor = pl.DataFrame({"sample_id": ["a", "b", "c", "d"], "answer": ["yes", "Yes", "no", "yes"]})
+    # Rows in another order: pairing is by sample_id, not position.
+    negation = pl.DataFrame({"sample_id": ["d", "c", "b", "a"], "answer": ["No", "no", "yes", "no"]})
+    row = behaviour_row(negation, {"id": "neg", "family": "negation", "expected": "no"}, anchor)
+    assert row["yes_to_no"] == pytest.approx(2 / 4)  # a and d
+    assert row["changed_vs_anchor"] == pytest.approx(2 / 4)
+    same = behaviour_row(anchor, {"id": "anchor", "family": "anchor", "expected": "yes"}, anchor)
+    assert same["changed_vs_anchor"] == 0.0 and same["yes_to_no"] == 0.0
+    with pytest.raises(ValueError, match="different images"):
+        behaviour_row(negation.head(3), {"id": "neg", "family": "negation", "expected": "no"}, anchor)

@@ -25,11 +25,15 @@ def metrics_table(rows: Iterable[pl.DataFrame], num_layers: int) -> pl.DataFrame
     return table.select(*first, pl.exclude(first))
 
 
-def behaviour_row(answers: pl.DataFrame, prompt: Mapping[str, str]) -> dict[str, object]:
+def behaviour_row(
+    answers: pl.DataFrame, prompt: Mapping[str, str], anchor_answers: pl.DataFrame | None = None
+) -> dict[str, object]:
     """What the model itself answered to one prompt: shares of yes/no/1/0 and agreement.
 
     Answers are case-folded ("Yes" counts as "yes"); agreement is the share equal to the
-    prompt's expected answer.
+    prompt's expected answer. With the anchor's answers (paired by sample_id), also the share
+    of images whose answer changed and the share that went from yes to no (the flip a
+    negation should cause).
     """
     if "answer" not in answers.columns:
         raise ValueError(f"answers of prompt {prompt['id']!r} lack the `answer` column")
@@ -47,6 +51,14 @@ def behaviour_row(answers: pl.DataFrame, prompt: Mapping[str, str]) -> dict[str,
     for word, columns in (("yes", ("p_yes", "p_Yes")), ("no", ("p_no", "p_No")), ("1", ("p_1",)), ("0", ("p_0",))):
         present = [c for c in columns if c in answers.columns]
         row[f"mean_p_{word}"] = float(answers.select(pl.sum_horizontal(present)).to_series().mean()) if present and n else None
+    if anchor_answers is not None:
+        paired = answers.select("sample_id", pl.col("answer").str.to_lowercase()).join(
+            anchor_answers.select("sample_id", pl.col("answer").str.to_lowercase().alias("anchor")), on="sample_id"
+        )
+        if len(paired) != n or len(anchor_answers) != n:
+            raise ValueError(f"answers of prompt {prompt['id']!r} and the anchor's cover different images")
+        row["changed_vs_anchor"] = float((paired["answer"] != paired["anchor"]).mean()) if n else None
+        row["yes_to_no"] = float(((paired["anchor"] == "yes") & (paired["answer"] == "no")).mean()) if n else None
     return row
 
 

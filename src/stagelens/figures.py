@@ -157,9 +157,14 @@ def answers_chart(behaviour: pl.DataFrame, title: str) -> alt.Chart:
         order=alt.Order("answer_rank:Q"),
         tooltip=["series", "answer", alt.Tooltip("share:Q", format=".1%")],
     )
-    agreement = wide.select("series", "expected", "agreement").with_columns(
-        ("expects " + pl.col("expected") + ": " + (pl.col("agreement") * 100).round(0).cast(pl.Int64).cast(pl.String) + "% agree").alias("label")
-    )
+    def percent(column: str) -> pl.Expr:
+        return (pl.col(column) * 100).round(0).cast(pl.Int64).cast(pl.String) + "%"
+
+    label = "expects " + pl.col("expected") + ": " + percent("agreement") + " agree"
+    if "yes_to_no" in wide.columns:  # paired with the anchor: how many yes answers flipped to no
+        label = label + pl.when(pl.col("family") == "anchor").then(pl.lit("")).otherwise(
+            ", yes→no vs anchor " + percent("yes_to_no"))
+    agreement = wide.with_columns(label.alias("label")).select("series", "label")
     text = alt.Chart(agreement).mark_text(align="left", dx=6, fontSize=11).encode(
         y=y, x=alt.value(320), text="label:N"
     )
