@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stagelens import __version__
-from stagelens.models.base import ANSWER_WORDS, POSITIONS, BatchVectors, LayerConvention, ModelAdapter
+from stagelens.models.base import ANSWER_WORDS, POSITIONS, BatchVectors, LayerConvention, ModelAdapter, PreparingAdapter
 from stagelens.store import EmbeddingWriter, ParquetStreamWriter, answers_schema
 
 
@@ -68,12 +68,12 @@ def _run_batches(
 ) -> Iterator[tuple[Sequence[Sample], BatchVectors]]:
     """(batch, forward output) per batch.
 
-    Adapters with `prepare` / `forward_prepared` get the next batch's images read and
-    processed in a worker thread while the model runs the current one (one batch ahead, so
-    memory stays bounded); others are called through `forward`.
+    A `PreparingAdapter` gets the next batch's images read and processed in a worker thread
+    while the model runs the current one (one batch ahead, so memory stays bounded); other
+    adapters are called through `forward`.
     """
     chunks = list(batches(samples, batch_size))
-    if not (hasattr(adapter, "prepare") and hasattr(adapter, "forward_prepared")):
+    if not isinstance(adapter, PreparingAdapter):
         for batch in chunks:
             yield batch, adapter.forward([load_image(s.path) for s in batch], question, layers, positions)
         return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -74,3 +74,24 @@ class ModelAdapter(Protocol):
     ) -> BatchVectors:
         """One forward pass over a batch; keeps only `positions` at `layers`."""
         ...
+
+
+class PreparingAdapter:
+    """Base of adapters that split a forward into `prepare` (CPU: template, tokenizer, image
+    processing; thread-safe) and `forward_prepared` (the model), so extraction can prepare the
+    next batch while the model runs this one."""
+
+    def prepare(self, images: Sequence[Image.Image], question: str) -> Any:
+        raise NotImplementedError
+
+    def forward_prepared(self, prepared: Any, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        images: Sequence[Image.Image],
+        question: str,
+        layers: Sequence[int],
+        positions: Sequence[str],
+    ) -> BatchVectors:
+        return self.forward_prepared(self.prepare(images, question), layers, positions)

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stagelens.models.base import ANSWER_WORDS, BatchVectors, ModelInfo
+from stagelens.models.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter
 from stagelens.models.efficientnet_vision import (
     FEATURE_DIM,
     GRID,
@@ -220,7 +220,7 @@ class PreparedBatch:
     pixel_values: torch.Tensor
 
 
-class EmbeddedAdapter:
+class EmbeddedAdapter(PreparingAdapter):
     """`ModelAdapter` for the embedded model: one forward pass, per-layer vectors kept by hooks."""
 
     def __init__(self, model: EmbeddedMLLM, info: ModelInfo) -> None:
@@ -239,15 +239,6 @@ class EmbeddedAdapter:
         ids = self.model.tokenizer(self.render_prompt(question), add_special_tokens=False, return_tensors="pt")
         # Same question and a fixed number of image tokens for every sample: no padding.
         return PreparedBatch(ids["input_ids"].repeat(len(images), 1), self.model.pixel_values(images))
-
-    def forward(
-        self,
-        images: Sequence[Image.Image],
-        question: str,
-        layers: Sequence[int],
-        positions: Sequence[str],
-    ) -> BatchVectors:
-        return self.forward_prepared(self.prepare(images, question), layers, positions)
 
     @torch.no_grad()
     def forward_prepared(self, prepared: PreparedBatch, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stagelens.models.base import ANSWER_WORDS, BatchVectors, ModelInfo
+from stagelens.models.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter
 from stagelens.models.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
 from stagelens.models.qwen_processor import load_qwen2_vl_processor, torchvision_available
 from stagelens.prompts import answer_token_paths, build_inputs, render_prompt
@@ -86,7 +86,7 @@ LLAVA_NEXT = Architecture("llava_next", _llava_next, position_ids=True, max_pixe
 QWEN2_VL = Architecture("qwen2_vl", _qwen2_vl, position_ids=False, max_pixels=True)
 
 
-class HFAdapter:
+class HFAdapter(PreparingAdapter):
     """ModelAdapter over a transformers image-text-to-text model and its processor."""
 
     def __init__(
@@ -171,15 +171,6 @@ class HFAdapter:
         """The CPU part of a forward (chat template, tokenizer, image processor); thread-safe,
         so extraction can prepare the next batch while the model runs this one."""
         return build_inputs(self.processor, images, question)
-
-    def forward(
-        self,
-        images: Sequence[Image.Image],
-        question: str,
-        layers: Sequence[int],
-        positions: Sequence[str],
-    ) -> BatchVectors:
-        return self.forward_prepared(self.prepare(images, question), layers, positions)
 
     def forward_prepared(self, prepared, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
         """`forward` on the output of `prepare`."""
