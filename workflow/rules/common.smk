@@ -3,8 +3,17 @@
 import math
 import os
 import re
+import sys
 
 from snakemake.exceptions import WorkflowError
+
+# stagelens comes from this checkout whether or not it is pip-installed: here, and through
+# PYTHONPATH in every job's script (also inside --sdm conda environments and on cluster nodes).
+_STAGELENS_SRC = os.path.join(workflow.basedir, "src")
+sys.path.insert(0, _STAGELENS_SRC)
+os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_STAGELENS_SRC, os.environ.get("PYTHONPATH")) if p))
+# The software of every rule, for `--sdm conda` (make's .venv is the tested route).
+STAGELENS_ENV = "../../envs/stagelens.yaml"
 
 from stagelens.config import (
     TINY_RECIPES,
@@ -239,3 +248,8 @@ def analysis_targets():
 def all_targets():
     """Everything `snakemake` builds by default."""
     return extraction_targets() + analysis_targets()
+
+
+def embedded_models():
+    """Models built by the embedded recipe (rules in embedded.smk)."""
+    return [name for name, m in MODELS.items() if m.get("recipe") == "embedded"]

@@ -15,5 +15,7 @@ rule prepare_dataset:
     resources:
         mem_mb=1024,
         runtime=prepare_dataset_runtime(),
+    conda:
+        STAGELENS_ENV
     script:
         "../../scripts/prepare_dataset.py"

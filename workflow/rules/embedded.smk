@@ -5,10 +5,6 @@
 # compete with build_model (tiny recipes, models.smk) for the same checkpoint directory.
 
 
-def embedded_models():
-    return [name for name, m in MODELS.items() if m.get("recipe") == "embedded"]
-
-
 # The projector recipe (~4 minutes on 2 idle CPU cores); changing a value retrains the projector.
 PROJECTOR_TRAINING = dict(
     steps=100, batch_size=8, learning_rate=1e-3, weight_decay=0.0, warmup_steps=10, yes_no_share=0.5,
@@ -28,6 +24,8 @@ rule export_lm:
     resources:
         mem_mb=4000,
         runtime=15,
+    conda:
+        STAGELENS_ENV
     script:
         "../../scripts/export_lm.py"
 
@@ -58,6 +56,8 @@ rule train_projector:
     resources:
         mem_mb=6000,
         runtime=30,
+    conda:
+        STAGELENS_ENV
     script:
         "../../scripts/train_projector.py"
 
@@ -80,5 +80,7 @@ rule build_embedded_model:
     resources:
         mem_mb=4000,
         runtime=15,
+    conda:
+        STAGELENS_ENV
     script:
         "../../scripts/build_embedded.py"

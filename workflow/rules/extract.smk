@@ -29,5 +29,7 @@ for _model in MODELS:
             mem_mb=lambda wildcards, attempt, m=_model: extract_mem_mb(m) * attempt,
             runtime=lambda wildcards, attempt, m=_model: extract_runtime(m, wildcards.split) * attempt,
             gpu=extract_gpu(_model),
+        conda:
+            STAGELENS_ENV
         script:
             "../../scripts/extract.py"

@@ -20,5 +20,7 @@ rule build_model:
     resources:
         mem_mb=build_model_resources()["mem_mb"],
         runtime=build_model_resources()["runtime"],
+    conda:
+        STAGELENS_ENV
     script:
         "../../scripts/build_model.py"

@@ -37,6 +37,8 @@ rule train_probe:
                 / 100_000
             )
         ),
+    conda:
+        STAGELENS_ENV
     script:
         "../../scripts/train_probe.py"
 
@@ -61,5 +63,7 @@ rule evaluate:
     resources:
         mem_mb=2048,
         runtime=5,
+    conda:
+        STAGELENS_ENV
     script:
         "../../scripts/evaluate.py"

@@ -24,6 +24,8 @@ rule aggregate:
     resources:
         mem_mb=2048,
         runtime=10,
+    conda:
+        STAGELENS_ENV
     script:
         "../../scripts/aggregate.py"
 
@@ -73,6 +75,8 @@ rule figures:
     resources:
         mem_mb=2048,
         runtime=10,
+    conda:
+        STAGELENS_ENV
     script:
         "../../scripts/figures.py"
 
@@ -103,5 +107,7 @@ rule depth_panel:
     resources:
         mem_mb=2048,
         runtime=10,
+    conda:
+        STAGELENS_ENV
     script:
         "../../scripts/figures.py"
