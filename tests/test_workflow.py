@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,23 @@ def test_dry_run_schedules_one_pass_per_split_and_prompt(images, tmp_path):
     assert counts["extract_tiny_llava"] == 1 + 3
     assert counts["all"] == 1
     assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3)
+
+
+def test_configfile_replaces_the_default_config(images, tmp_path):
+    """A user's --configfile (without --replace-workflow-config) must not merge in the default's model."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
+    (tmp_path / "resources").symlink_to(REPO / "resources")  # the default's images
+    configfile = write_config(tmp_path, tiny_config(images, variants=(LEXICAL,)), "mine.yaml")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--workflow-profile", "none", "--dry-run", "--quiet", "rules"]
+    mine = job_counts(subprocess.run([*cmd, "--configfile", str(configfile)], cwd=tmp_path,
+                                     capture_output=True, text=True, timeout=600))
+    assert set(mine) == {"prepare_dataset", "build_model", "extract_tiny_llava", *ANALYSIS_RULES, "all"}
+    # Without a --configfile the default is read, and --config edits it.
+    default = job_counts(subprocess.run([*cmd, "--config", "seed=3"], cwd=tmp_path,
+                                        capture_output=True, text=True, timeout=600))
+    assert "export_lm" in default and "build_model" not in default
 
 
 def test_dry_run_with_two_models_and_a_layer_subset(images, tmp_path):
