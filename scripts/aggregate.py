@@ -4,17 +4,16 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected by the script directive)
 
-import os
 
 import polars as pl
 
+from stagelens.atomic import atomic_path
 from stagelens.aggregate import behaviour_row, metrics_table, stages_table
 
 
 def write(table: pl.DataFrame, path: str) -> None:
-    tmp = path + ".tmp"
-    table.write_parquet(tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.write_parquet(tmp, compression="zstd")
 
 
 params = snakemake.params

@@ -5,14 +5,13 @@ import sys
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected by the script directive)
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from stagelens.atomic import atomic_path
 from stagelens.models.efficientnet_vision import pretrained_state_dict
 from stagelens.models.embedded import assemble
 
@@ -35,10 +34,6 @@ model = assemble(lm, AutoTokenizer.from_pretrained(lm_dir), pretrained_state_dic
 model.projector.load_state_dict(load_file(smk.input.projector), strict=True)
 model.config.training = training
 
-out = Path(smk.output[0])
-tmp = out.with_name(out.name + ".tmp")
-shutil.rmtree(tmp, ignore_errors=True)
-model.save_pretrained(tmp)
-shutil.rmtree(out, ignore_errors=True)
-os.replace(tmp, out)
-print(f"wrote {out}", file=sys.stderr)
+with atomic_path(smk.output[0]) as tmp:
+    model.save_pretrained(tmp)
+print(f"wrote {smk.output[0]}", file=sys.stderr)

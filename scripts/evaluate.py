@@ -7,12 +7,12 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected by the script directive)
 
-import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stagelens.atomic import atomic_path
 from stagelens.metrics import EvalSettings, align_to, evaluate_probe
 from stagelens.probe import load_probes
 from stagelens.store import read_metadata, read_vectors
@@ -47,6 +47,5 @@ for position, probe in probes.items():
     })
 
 table = pa.Table.from_pylist(rows)
-tmp = out.metrics + ".tmp"
-pq.write_table(table, tmp, compression="zstd")
-os.replace(tmp, out.metrics)
+with atomic_path(out.metrics) as tmp:
+    pq.write_table(table, tmp, compression="zstd")

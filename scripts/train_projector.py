@@ -5,7 +5,6 @@ import sys
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected by the script directive)
 
 import json
-import os
 from pathlib import Path
 
 import altair as alt
@@ -15,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from stagelens.atomic import atomic_path
 from stagelens.models.efficientnet_vision import pretrained_state_dict
 from stagelens.models.embedded import assemble
 from stagelens.models.projector_training import TrainSettings, train_projector, vision_features
@@ -41,15 +41,11 @@ history["class_names"] = names
 print(f"final loss {history['final_loss']:.4f} in {history['train_seconds']:.1f} s", file=sys.stderr)
 
 
-def write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 state = {name: tensor.detach().contiguous() for name, tensor in model.projector.state_dict().items()}
-write_atomic(smk.output.projector, lambda tmp: save_file(state, tmp))
-write_atomic(smk.output.training, lambda tmp: Path(tmp).write_text(json.dumps(history, indent=2) + "\n"))
+with atomic_path(smk.output.projector) as tmp:
+    save_file(state, str(tmp))
+with atomic_path(smk.output.training) as tmp:
+    tmp.write_text(json.dumps(history, indent=2) + "\n")
 
 curve = pl.DataFrame({"step": list(range(1, len(history["losses"]) + 1)), "loss": history["losses"]})
 chart = (
@@ -59,5 +55,5 @@ chart = (
     .properties(title="Embedded model: projector training loss", width=420, height=240)
 )
 for key in ("figure_png", "figure_svg"):
-    suffix = Path(smk.output[key]).suffix
-    write_atomic(smk.output[key], lambda tmp: chart.save(tmp, format=suffix[1:]))
+    with atomic_path(smk.output[key]) as tmp:
+        chart.save(str(tmp), format=tmp.suffix[1:])

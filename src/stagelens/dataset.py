@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from stagelens.atomic import atomic_path
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 METADATA_KEY = b"stagelens"
 SPLITS = ("train", "test")
@@ -276,11 +278,8 @@ def build_manifest(
 
 def write_manifest(table: pa.Table, path: str | os.PathLike) -> None:
     """Write atomically (temporary file, then rename) so a killed job leaves no half manifest."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def manifest_metadata(path: str | os.PathLike) -> dict:

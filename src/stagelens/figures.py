@@ -12,6 +12,8 @@ from typing import Sequence
 import altair as alt
 import polars as pl
 
+from stagelens.atomic import atomic_path
+
 STAGE_COLORS = {
     "visual_grounding": "#9ecae1",
     "lexical_integration": "#a1d99b",
@@ -224,13 +226,12 @@ def save_chart(chart: alt.TopLevelMixin, stem: str | os.PathLike, formats: Seque
     written = []
     for fmt in formats:
         target = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = stem.with_name(f".{stem.name}.tmp.{fmt}")
-        if fmt == "vl.json":
-            tmp.write_text(chart.to_json(indent=2) + "\n")
-        elif fmt == "png":
-            chart.save(str(tmp), format="png", scale_factor=2)
-        else:
-            chart.save(str(tmp), format=fmt)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            if fmt == "vl.json":
+                tmp.write_text(chart.to_json(indent=2) + "\n")
+            elif fmt == "png":
+                chart.save(str(tmp), format="png", scale_factor=2)
+            else:
+                chart.save(str(tmp), format=fmt)
         written.append(target)
     return written

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from stagelens.atomic import atomic_path
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -152,9 +154,8 @@ def save_probes(probes: dict[str, Probe], path: str | os.PathLike, sidecar: dict
         for pos, probe in probes.items()
         for name in ("weight", "bias", "mean", "scale", "classes")
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "stagelens-probe", "positions": ",".join(probes)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "stagelens-probe", "positions": ",".join(probes)})
     write_json(path.with_suffix(".json"), sidecar)
 
 
@@ -178,7 +179,5 @@ def load_probes(path: str | os.PathLike) -> dict[str, Probe]:
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write JSON atomically (tmp file + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
