@@ -46,7 +46,7 @@ def make_images(directory: Path, n: int) -> list[tuple[str, int, str]]:
 def load(model_dir: str, threads: int):
     import torch
 
-    from stagelens.models import load_adapter
+    from stagelens.adapters import load_adapter
 
     torch.set_num_threads(threads)
     return load_adapter({"dtype": "float32", "device": "cpu"}, model_dir)
@@ -113,7 +113,7 @@ def main() -> None:
         child(args.child[0], args.child[1], args.n, args.batch_size, args.threads)
         return
 
-    from stagelens.models.tiny import build
+    from stagelens.builders.tiny import build
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stagelens.atomic import atomic_path
-from stagelens.models.efficientnet_vision import pretrained_state_dict
-from stagelens.models.embedded import assemble
+from stagelens.adapters.efficientnet_vision import pretrained_state_dict
+from stagelens.builders.embedded import assemble
 
 smk = snakemake  # noqa: F821
 lm_dir = Path(smk.input.lm)

@@ -4,7 +4,7 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (injected by Snakemake)
 
-from stagelens.models.tiny import build_atomic  # noqa: E402
+from stagelens.builders.tiny import build_atomic  # noqa: E402
 
 sm = snakemake  # noqa: F821
 out = build_atomic(

@@ -9,7 +9,7 @@ import json
 import torch
 
 from stagelens.atomic import atomic_path
-from stagelens.models.smollm2_export import export_dequantised
+from stagelens.builders.smollm2_export import export_dequantised
 
 torch.set_num_threads(snakemake.threads)  # noqa: F821
 with atomic_path(snakemake.output[0]) as tmp:  # noqa: F821

@@ -7,7 +7,7 @@ sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (injected by
 import torch  # noqa: E402
 
 from stagelens.extract import extract, read_split  # noqa: E402
-from stagelens.models import load_adapter  # noqa: E402
+from stagelens.adapters import load_adapter  # noqa: E402
 
 sm = snakemake  # noqa: F821
 model_cfg = dict(sm.params.model)

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stagelens.atomic import atomic_path
-from stagelens.models.efficientnet_vision import pretrained_state_dict
-from stagelens.models.embedded import assemble
-from stagelens.models.projector_training import TrainSettings, train_projector, vision_features
+from stagelens.adapters.efficientnet_vision import pretrained_state_dict
+from stagelens.builders.embedded import assemble
+from stagelens.builders.projector_training import TrainSettings, train_projector, vision_features
 
 smk = snakemake  # noqa: F821
 torch.set_num_threads(smk.threads)

@@ -22,7 +22,7 @@ IMAGE_SIZES = ((48, 48), (96, 32), (32, 96), (64, 48), (40, 80), (120, 60), (56,
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """recipe -> checkpoint dir of a seeded tiny model (built once per test session)."""
-    from stagelens.models.tiny import build
+    from stagelens.builders.tiny import build
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {recipe: build(recipe, root / recipe, seed=0) for recipe in TINY_RECIPES}

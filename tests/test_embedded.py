@@ -14,16 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from stagelens.models.base import ANSWER_WORDS
-from stagelens.models.efficientnet_vision import pretrained_state_dict
-from stagelens.models.embedded import (
+from stagelens.adapters.base import ANSWER_WORDS
+from stagelens.adapters.efficientnet_vision import pretrained_state_dict
+from stagelens.adapters.embedded import (
     IMAGE_TOKEN,
     MODEL_TYPE,
     EmbeddedMLLM,
-    assemble,
     load_embedded_adapter,
 )
-from stagelens.models.projector_training import (
+from stagelens.builders.embedded import assemble
+from stagelens.builders.projector_training import (
     TrainSettings,
     batch_tensors,
     caption_text,
@@ -31,7 +31,7 @@ from stagelens.models.projector_training import (
     train_projector,
     vision_features,
 )
-from stagelens.models.smollm2_export import find_gguf
+from stagelens.builders.smollm2_export import find_gguf
 from stagelens.prompts import answer_token_ids
 
 QUESTION = "Does this image show a piece of clothing? The answer must be always yes or no."
@@ -93,8 +93,8 @@ def images() -> list[Image.Image]:
 
 
 def adapter_for(model: EmbeddedMLLM):
-    from stagelens.models.base import ModelInfo
-    from stagelens.models.embedded import EmbeddedAdapter
+    from stagelens.adapters.base import ModelInfo
+    from stagelens.adapters.embedded import EmbeddedAdapter
 
     info = ModelInfo("tiny", "local", "StagelensEmbeddedForCausalLM", "float32", "cpu", N_BLOCKS, 64)
     return EmbeddedAdapter(model, info)
@@ -229,9 +229,9 @@ def test_checkpoint_reloads_with_identical_outputs(model, images, tmp_path):
 
 
 def test_registry_routes_the_model_type_to_this_adapter(model, tmp_path):
-    from stagelens.models import load_adapter, registered_model_types
+    from stagelens.adapters import load_adapter, loader_for
 
-    assert MODEL_TYPE in registered_model_types()
+    assert loader_for(MODEL_TYPE) is load_embedded_adapter
     model.save_pretrained(tmp_path / "ckpt")
     adapter = load_adapter({"dtype": "float32", "device": "cpu"}, str(tmp_path / "ckpt"))
     assert adapter.info.architecture == "StagelensEmbeddedForCausalLM"
@@ -285,7 +285,7 @@ def test_projector_training_lowers_the_loss_and_touches_only_the_projector(model
 def test_real_gguf_export_is_a_working_smollm2(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stagelens.models.smollm2_export import export_dequantised
+    from stagelens.builders.smollm2_export import export_dequantised
 
     info = export_dequantised(tmp_path / "lm")
     assert info["num_layers"] == 30 and info["hidden_size"] == 576 and info["vocab_size"] == 49152

@@ -13,8 +13,8 @@ from PIL import Image
 
 from script_job import run_script
 from stagelens.extract import Sample, extract, read_split
-from stagelens.models import load_adapter
-from stagelens.models.base import ANSWER_WORDS
+from stagelens.adapters import load_adapter
+from stagelens.adapters.base import ANSWER_WORDS
 from stagelens.store import read_metadata, read_vectors
 
 CFG = {"dtype": "float32", "device": "cpu", "revision": "main"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -13,9 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stagelens.models import load_adapter, register_adapter
-from stagelens.models.base import ANSWER_WORDS
-from stagelens.models.layers import LayerCapture, find_decoder_layers, last_token_index
+from stagelens.adapters import hf, load_adapter, loader_for
+from stagelens.adapters.base import ANSWER_WORDS
+from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index
 from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
 
 CFG = {"dtype": "float32", "device": "cpu", "revision": "main"}
@@ -232,7 +231,7 @@ def test_max_pixels_rejected_for_llava(tiny_model_dirs):
 
 
 def test_qwen2_vl_processor_without_torchvision(adapters):
-    from stagelens.models.qwen_processor import Qwen2VLImageOnlyProcessor, torchvision_available
+    from stagelens.adapters.qwen_processor import Qwen2VLImageOnlyProcessor, torchvision_available
 
     processor = adapters["tiny-qwen2-vl"].processor
     if torchvision_available():
@@ -260,12 +259,13 @@ def test_dtype_and_info(tiny_model_dirs):
         load_adapter({**CFG, "dtype": "float64"}, str(tiny_model_dirs["tiny-llava"]))
 
 
-def test_registry_dispatches_on_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "stagelens-test-type"}))
-    calls = []
-    register_adapter("stagelens-test-type", lambda cfg, path: calls.append((cfg, path)) or "adapter")
-    assert load_adapter({"x": 1}, str(tmp_path)) == "adapter"
-    assert calls == [({"x": 1}, str(tmp_path))]
+def test_lookup_dispatches_on_model_type():
+    """Known families get their own Architecture; any other type the generic AutoModel path."""
+    assert loader_for("llava").keywords["arch"] is hf.LLAVA
+    assert loader_for("llava_next").keywords["arch"] is hf.LLAVA_NEXT
+    assert loader_for("qwen2_vl").keywords["arch"] is hf.QWEN2_VL
+    assert loader_for("idefics3").keywords["arch"] is None
+    assert loader_for("llava").func is hf.load_hf_adapter
 
 
 def test_answer_token_ids_rejects_shared_first_token():
@@ -294,7 +294,7 @@ def test_render_prompt_without_template_is_an_error(adapters):
 
 
 def test_generic_path_equals_specific_adapter(adapters, tiny_model_dirs, image_rows):
-    from stagelens.models.hf import load_hf_adapter
+    from stagelens.adapters.hf import load_hf_adapter
 
     generic = load_hf_adapter(dict(CFG), str(tiny_model_dirs["tiny-llava"]), None)
     assert generic.position_ids  # Llama text model: positions from the attention mask
@@ -382,7 +382,7 @@ def test_hub_id_from_offline_cache_records_the_commit(tiny_model_dirs, tmp_path)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(tiny_model_dirs["tiny-llava"], repo / "snapshots" / commit)
-    code = ("from stagelens.models import load_adapter; "
+    code = ("from stagelens.adapters import load_adapter; "
             "print(load_adapter({'revision': 'main', 'device': 'cpu'}, 'stagelens/tiny-llava').info.revision)")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -26,8 +26,8 @@ import yaml
 from PIL import Image
 
 import fetch_vocabs
-from stagelens.models import hf
-from stagelens.models.base import ANSWER_WORDS
+from stagelens.adapters import hf
+from stagelens.adapters.base import ANSWER_WORDS
 from stagelens import prompts as prompt_module
 from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
 
@@ -154,7 +154,7 @@ def qwen2_vl_tokenizer(vocab_dir: Path):
 
 
 def shipped_template(name: str) -> str:
-    return resources.files("stagelens.models").joinpath("chat_templates", name).read_text(encoding="utf-8")
+    return resources.files("stagelens.builders").joinpath("chat_templates", name).read_text(encoding="utf-8")
 
 
 def paper_config() -> dict:
@@ -267,7 +267,7 @@ def _save_checkpoint_processor(name: str, tokenizer, out: Path) -> None:
         Qwen2VLImageProcessorPil,
     )
 
-    from stagelens.models.qwen_processor import Qwen2VLImageOnlyProcessor
+    from stagelens.adapters.qwen_processor import Qwen2VLImageOnlyProcessor
 
     clip = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
     vit = {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stagelens import __version__
-from stagelens.models.base import ANSWER_WORDS, POSITIONS, BatchVectors, LayerConvention, ModelAdapter, PreparingAdapter
+from stagelens.adapters.base import ANSWER_WORDS, POSITIONS, BatchVectors, LayerConvention, ModelAdapter, PreparingAdapter
 from stagelens.store import EmbeddingWriter, ParquetStreamWriter, answers_schema
 
 

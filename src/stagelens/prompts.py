@@ -10,7 +10,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from stagelens.models.base import ANSWER_WORDS
+from stagelens.adapters.base import ANSWER_WORDS
 
 
 def user_message(question: str) -> list[dict]:

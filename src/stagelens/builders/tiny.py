@@ -42,7 +42,7 @@ _TEMPLATES = {
 def chat_template(recipe: str) -> str:
     """The real chat template the recipe's processor carries."""
     name = _TEMPLATES[recipe]
-    return resources.files("stagelens.models").joinpath("chat_templates", name).read_text(encoding="utf-8")
+    return resources.files("stagelens.builders").joinpath("chat_templates", name).read_text(encoding="utf-8")
 
 
 def train_tokenizer(special_tokens: list[str], **named_specials: str) -> PreTrainedTokenizerFast:
@@ -97,7 +97,7 @@ def make_processor(recipe: str, tokenizer):
     if recipe == "tiny-qwen2-vl":
         from transformers import Qwen2VLImageProcessorPil
 
-        from .qwen_processor import Qwen2VLImageOnlyProcessor
+        from stagelens.adapters.qwen_processor import Qwen2VLImageOnlyProcessor
 
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, patch_size=14, merge_size=2, temporal_patch_size=2

@@ -25,8 +25,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stagelens.models.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter
-from stagelens.models.efficientnet_vision import (
+from stagelens.adapters import EMBEDDED_MODEL_TYPE as MODEL_TYPE
+from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter
+from stagelens.adapters.efficientnet_vision import (
     FEATURE_DIM,
     GRID,
     IMAGE_MEAN,
@@ -35,10 +36,9 @@ from stagelens.models.efficientnet_vision import (
     PatchEncoder,
     preprocess,
 )
-from stagelens.models.layers import LayerCapture, find_decoder_layers, last_token_index
+from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index
 from stagelens.prompts import answer_token_ids
 
-MODEL_TYPE = "stagelens-embedded"
 ARCHITECTURE = "StagelensEmbeddedForCausalLM"
 IMAGE_TOKEN = "<image>"
 CONFIG_FILE = "config.json"
@@ -92,12 +92,6 @@ class Projector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(features)))
-
-
-def add_image_token(tokenizer) -> int:
-    """Add `<image>` as a special token; its id lies past the LM vocabulary and is never embedded."""
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    return int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
 def user_content(question: str, n_image_tokens: int) -> str:
@@ -180,34 +174,6 @@ class EmbeddedMLLM(nn.Module):
         return model.eval()
 
 
-def assemble(
-    lm,
-    tokenizer,
-    vision_state: dict[str, torch.Tensor],
-    projector_hidden_size: int = 1024,
-    seed: int = 0,
-    provenance: dict[str, object] | None = None,
-) -> EmbeddedMLLM:
-    """A new model from a causal LM + its tokenizer and vision weights, with a seeded fresh projector."""
-    image_token_id = add_image_token(tokenizer)
-    if image_token_id < lm.get_input_embeddings().num_embeddings:
-        raise ValueError(f"{IMAGE_TOKEN} got id {image_token_id}, inside the LM vocabulary: it would be embedded")
-    config = EmbeddedConfig(
-        lm_hidden_size=lm.config.hidden_size,
-        num_layers=lm.config.num_hidden_layers,
-        image_token_id=image_token_id,
-        projector_hidden_size=projector_hidden_size,
-        provenance=dict(provenance or {}),
-    )
-    vision = PatchEncoder()
-    vision.net.load_state_dict(vision_state, strict=True)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    projector = Projector(config.vision_feature_dim, projector_hidden_size, config.lm_hidden_size)
-    torch.random.set_rng_state(generator_state)
-    return EmbeddedMLLM(config, vision, projector, lm, tokenizer).eval()
-
-
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 
@@ -270,7 +236,7 @@ def resolve_device(device: str) -> str:
 
 
 def load_embedded_adapter(model_cfg: dict, model_path: str) -> EmbeddedAdapter:
-    """Loader registered for model_type "stagelens-embedded" (model_cfg: the config's model entry)."""
+    """Loader of model_type "stagelens-embedded" checkpoints (model_cfg: the config's model entry)."""
     dtype_name = model_cfg.get("dtype", "float32")
     dtype = getattr(torch, dtype_name)
     device = resolve_device(model_cfg.get("device", "auto"))
@@ -285,12 +251,3 @@ def load_embedded_adapter(model_cfg: dict, model_path: str) -> EmbeddedAdapter:
         hidden_size=model.config.lm_hidden_size,
     )
     return EmbeddedAdapter(model, info)
-
-
-def _register() -> None:
-    from stagelens.models import register_adapter
-
-    register_adapter(MODEL_TYPE, load_embedded_adapter)
-
-
-_register()

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stagelens.models.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter
-from stagelens.models.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
-from stagelens.models.qwen_processor import load_qwen2_vl_processor, torchvision_available
+from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter
+from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
+from stagelens.adapters.qwen_processor import load_qwen2_vl_processor, torchvision_available
 from stagelens.prompts import answer_token_paths, build_inputs, render_prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,6 +84,9 @@ def _auto():
 LLAVA = Architecture("llava", _llava, position_ids=True, max_pixels=False)
 LLAVA_NEXT = Architecture("llava_next", _llava_next, position_ids=True, max_pixels=False)
 QWEN2_VL = Architecture("qwen2_vl", _qwen2_vl, position_ids=False, max_pixels=True)
+
+# config.json model_type -> family; other types load through AutoModelForImageTextToText.
+ARCHITECTURES = {arch.name: arch for arch in (LLAVA, LLAVA_NEXT, QWEN2_VL)}
 
 
 class HFAdapter(PreparingAdapter):

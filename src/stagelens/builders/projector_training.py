@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from stagelens.models.embedded import EmbeddedMLLM
+from stagelens.adapters.embedded import EmbeddedMLLM
 
 # Instructions the caption follows; none of them is one of the probing prompts of config.yaml.
 CAPTION_INSTRUCTIONS = (

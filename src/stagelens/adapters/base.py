@@ -57,7 +57,7 @@ class ModelInfo:
 
 
 class ModelAdapter(Protocol):
-    """Any MLLM stagelens can read. Implementations live in stagelens.models.*."""
+    """Any MLLM stagelens can read. Implementations live in stagelens.adapters.*."""
 
     info: ModelInfo
 

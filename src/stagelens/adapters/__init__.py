@@ -1,0 +1,49 @@
+"""What reads models: `load_adapter(model_cfg, model_path)` picks the adapter by the checkpoint's
+config.json `model_type` from one explicit table (no registry, no import side effects).
+
+LLaVA-1.5, LLaVA-NeXT and Qwen2-VL have their own entries in `hf.ARCHITECTURES`; the embedded
+model its own loader; any other transformers checkpoint goes through AutoModelForImageTextToText.
+Loader modules are imported on use, so loading a transformers model never needs the embedded
+model's vision package and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Callable
+
+from stagelens.adapters.base import ModelAdapter
+
+Loader = Callable[[dict, str], ModelAdapter]
+
+EMBEDDED_MODEL_TYPE = "stagelens-embedded"
+
+
+def loader_for(model_type: str) -> Loader:
+    """The function that loads checkpoints whose config.json has this `model_type`."""
+    if model_type == EMBEDDED_MODEL_TYPE:
+        from stagelens.adapters.embedded import load_embedded_adapter
+
+        return load_embedded_adapter
+    from stagelens.adapters import hf
+
+    return partial(hf.load_hf_adapter, arch=hf.ARCHITECTURES.get(model_type))
+
+
+def checkpoint_config(model_path: str, revision: str | None = None) -> dict:
+    """The raw config.json of a local directory or hub id (hub: from the local cache or the hub)."""
+    from transformers.utils import cached_file
+
+    resolved = cached_file(model_path, "config.json", revision=revision)
+    with open(resolved, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_adapter(model_cfg: dict, model_path: str) -> ModelAdapter:
+    """The adapter for one config model entry; dispatch on config.json's model_type."""
+    config = checkpoint_config(model_path, model_cfg.get("revision") or None)
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ValueError(f"{model_path}: config.json has no model_type")
+    return loader_for(model_type)(model_cfg, model_path)
