@@ -47,29 +47,21 @@ def load(model_dir: str, threads: int):
     import torch
 
     from stagelens.adapters import load_adapter
+    from stagelens.spec import ModelSpec
 
     torch.set_num_threads(threads)
-    return load_adapter({"dtype": "float32", "device": "cpu"}, model_dir)
+    return load_adapter(ModelSpec("bench", str(model_dir), device="cpu"))
 
 
 def run_extract(adapter, rows, batch_size: int, out: Path) -> float:
     from stagelens.extract import Sample, extract
+    from stagelens.spec import ModelSpec
 
-    layers = list(range(adapter.info.num_layers + 1))
+    spec = ModelSpec("bench", adapter.info.model_id, batch_size=batch_size, device="cpu")
+    layers = spec.layers_of(adapter.info.num_layers)
     start = time.perf_counter()
-    extract(
-        adapter,
-        [Sample(*r) for r in rows],
-        PROMPT,
-        layers,
-        ["last", "image_mean"],
-        batch_size,
-        [out / f"layer{layer}.parquet" for layer in layers],
-        out / "answers.parquet",
-        model_name="bench",
-        split="test",
-        progress=False,
-    )
+    extract(adapter, spec, [Sample(*r) for r in rows], PROMPT, [out / f"layer{layer}.parquet" for layer in layers],
+            out / "answers.parquet", split="test", progress=False)
     return time.perf_counter() - start
 
 

@@ -8,24 +8,13 @@ import torch  # noqa: E402
 
 from stagelens.extract import extract, read_split  # noqa: E402
 from stagelens.adapters import load_adapter  # noqa: E402
+from stagelens.spec import ModelSpec  # noqa: E402
 
 sm = snakemake  # noqa: F821
-model_cfg = dict(sm.params.model)
+spec = ModelSpec.from_config(sm.params.model_name, sm.params.model, str(sm.params.model_path))
 torch.set_num_threads(max(1, int(sm.threads)))
-adapter = load_adapter(model_cfg, str(sm.params.model_path))
+adapter = load_adapter(spec)
 print(f"loaded {adapter.info}", file=sys.stderr)
-summary = extract(
-    adapter,
-    read_split(sm.input.manifest, sm.params.split),
-    dict(sm.params.prompt),
-    list(sm.params.layers),
-    list(sm.params.positions),
-    int(model_cfg.get("batch_size", 1)),
-    list(sm.output.embeddings),
-    sm.output.answers,
-    model_name=sm.params.model_name,
-    split=sm.params.split,
-    num_layers=model_cfg.get("num_layers"),
-    vector_dtype=model_cfg.get("vector_dtype", "float32"),
-)
+summary = extract(adapter, spec, read_split(sm.input.manifest, sm.params.split), dict(sm.params.prompt),
+                  list(sm.output.embeddings), sm.output.answers, split=sm.params.split)
 print(f"wrote {summary['rows']} rows x {len(summary['layers'])} layers in {summary['seconds']:.1f} s", file=sys.stderr)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stagelens.config import ConfigError, all_prompts, enabled_models, load_config, model_layers, read_schema
+from stagelens.config import ConfigError, all_prompts, enabled_models, load_config, read_schema
+from stagelens.spec import model_layers
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"

@@ -33,6 +33,7 @@ from stagelens.builders.projector_training import (
 )
 from stagelens.builders.smollm2_export import find_gguf
 from stagelens.prompts import answer_token_ids
+from stagelens.spec import ModelSpec
 
 QUESTION = "Does this image show a piece of clothing? The answer must be always yes or no."
 RESOURCES = Path(__file__).resolve().parents[1] / "resources" / "fashion_mnist"
@@ -217,7 +218,7 @@ def test_checkpoint_reloads_with_identical_outputs(model, images, tmp_path):
         p.name for p in (tmp_path / "ckpt").iterdir()
     }
 
-    adapter = load_embedded_adapter({"dtype": "float32", "device": "cpu"}, str(tmp_path / "ckpt"))
+    adapter = load_embedded_adapter(ModelSpec("e", str(tmp_path / "ckpt"), device="cpu"))
     assert adapter.info.num_layers == N_BLOCKS and adapter.info.hidden_size == 64
     assert adapter.model.config.training == {"steps": 0, "note": "test"}
     before = adapter_for(model).forward(images, QUESTION, [0, 1, 2], ["last", "image_mean"])
@@ -233,7 +234,7 @@ def test_registry_routes_the_model_type_to_this_adapter(model, tmp_path):
 
     assert loader_for(MODEL_TYPE) is load_embedded_adapter
     model.save_pretrained(tmp_path / "ckpt")
-    adapter = load_adapter({"dtype": "float32", "device": "cpu"}, str(tmp_path / "ckpt"))
+    adapter = load_adapter(ModelSpec("e", str(tmp_path / "ckpt"), device="cpu"))
     assert adapter.info.architecture == "StagelensEmbeddedForCausalLM"
 
 

@@ -14,10 +14,15 @@ from PIL import Image
 from script_job import run_script
 from stagelens.extract import Sample, extract, read_split
 from stagelens.adapters import load_adapter
+from stagelens.spec import ModelSpec
 from stagelens.adapters.base import ANSWER_WORDS
 from stagelens.store import read_metadata, read_vectors
 
 CFG = {"dtype": "float32", "device": "cpu", "revision": "main"}
+
+
+def spec_of(path, **keys) -> ModelSpec:
+    return ModelSpec(name="tiny", checkpoint=str(path), **{**CFG, **keys})
 PROMPT = {"id": "anchor", "family": "anchor", "text": "Does this image show an animal? The answer must be always yes or no.",
           "expected": "yes"}
 RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
@@ -28,7 +33,7 @@ META_KEYS = {"model_id", "model_name", "revision", "architecture", "dtype", "dev
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dirs):
-    return {recipe: load_adapter(dict(CFG), str(path)) for recipe, path in tiny_model_dirs.items()}
+    return {recipe: load_adapter(spec_of(path)) for recipe, path in tiny_model_dirs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +46,10 @@ def outputs(root: Path, layers):
 
 
 def run(adapter, samples, root, layers=None, batch_size=3, **kw):
-    layers = list(range(adapter.info.num_layers + 1)) if layers is None else layers
-    emb, ans = outputs(root, layers)
-    extract(adapter, samples, PROMPT, layers, ["last", "image_mean"], batch_size, emb, ans,
-            model_name="tiny", split="test", progress=False, **kw)
+    spec = spec_of(adapter.info.model_id, layers=None if layers is None else tuple(layers), batch_size=batch_size,
+                   positions=("last", "image_mean"), **kw)
+    emb, ans = outputs(root, spec.layers_of(adapter.info.num_layers))
+    extract(adapter, spec, samples, PROMPT, emb, ans, split="test", progress=False)
     return emb, ans
 
 
@@ -155,11 +160,12 @@ def test_job_scripts_build_and_extract(tmp_path, image_rows):
         "path": [r[2] for r in image_rows]}), manifest)
     layers = [0, 3]
     emb = [tmp_path / "emb" / f"layer{layer}.parquet" for layer in layers]
-    model_cfg = {**CFG, "batch_size": 4, "num_layers": 3, "positions": ["last"]}
+    model_cfg = {**CFG, "batch_size": 4, "num_layers": 3, "layers": layers, "positions": ["last"],
+                 "vector_dtype": "float32", "trust_remote_code": False, "max_pixels": None}
     run_script("extract.py", input={"manifest": manifest, "model": model_dir},
                output={"embeddings": emb, "answers": tmp_path / "answers.parquet"}, log=tmp_path / "extract.log",
                params={"model_name": "tiny-llava", "model": model_cfg, "model_path": str(model_dir),
-                       "prompt": PROMPT, "split": "test", "layers": layers, "positions": ["last"]})
+                       "prompt": PROMPT, "split": "test"})
     ids, _, vectors = read_vectors(emb[1], "last")
     assert ids.tolist() == [r[0] for r in image_rows] and vectors.shape == (len(image_rows), 64)
     assert read_metadata(emb[1])["layer"] == 3 and read_metadata(emb[1])["model_name"] == "tiny-llava"
@@ -169,7 +175,7 @@ def test_job_scripts_build_and_extract(tmp_path, image_rows):
 def test_float16_vectors_only_for_half_precision_models(adapters, samples, tiny_model_dirs, tmp_path):
     with pytest.raises(ValueError, match="float16 vectors"):
         run(adapters["tiny-llava"], samples, tmp_path / "a", layers=[0], vector_dtype="float16")
-    bf16 = load_adapter({**CFG, "dtype": "bfloat16"}, str(tiny_model_dirs["tiny-llava"]))
+    bf16 = load_adapter(spec_of(tiny_model_dirs["tiny-llava"], dtype="bfloat16"))
     emb, _ = run(bf16, samples[:3], tmp_path / "b", layers=[4], vector_dtype="float16")
     assert pq.read_schema(emb[0]).field("last").type.value_type == pa.float16()
     assert read_metadata(emb[0])["dtype"] == "bfloat16"

@@ -16,15 +16,20 @@ from stagelens.adapters import hf, load_adapter, loader_for
 from stagelens.adapters.base import ANSWER_WORDS
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index
 from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
+from stagelens.spec import ModelSpec
 
 CFG = {"dtype": "float32", "device": "cpu", "revision": "main"}
+
+
+def spec_of(path, **keys) -> ModelSpec:
+    return ModelSpec(name="tiny", checkpoint=str(path), **{**CFG, **keys})
 QUESTION = "Does this image show an animal? The answer must be always yes or no."
 RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dirs):
-    return {recipe: load_adapter(dict(CFG), str(path)) for recipe, path in tiny_model_dirs.items()}
+    return {recipe: load_adapter(spec_of(path)) for recipe, path in tiny_model_dirs.items()}
 
 
 def load_images(rows, n):
@@ -216,8 +221,8 @@ def test_qwen2_vl_keeps_every_processor_key(adapters, image_rows):
 def test_qwen2_vl_max_pixels_changes_image_token_count(tiny_model_dirs):
     path = str(tiny_model_dirs["tiny-qwen2-vl"])
     image = [Image.fromarray(np.full((112, 224, 3), 128, dtype=np.uint8))]
-    default = load_adapter(dict(CFG), path)
-    capped = load_adapter({**CFG, "max_pixels": 4 * 28 * 28}, path)
+    default = load_adapter(spec_of(path))
+    capped = load_adapter(spec_of(path, max_pixels=4 * 28 * 28))
     n_default = int(default.forward(image, QUESTION, [0], ["last"]).n_image_tokens[0])
     n_capped = int(capped.forward(image, QUESTION, [0], ["last"]).n_image_tokens[0])
     assert n_capped < n_default
@@ -227,7 +232,7 @@ def test_qwen2_vl_max_pixels_changes_image_token_count(tiny_model_dirs):
 
 def test_max_pixels_rejected_for_llava(tiny_model_dirs):
     with pytest.raises(ValueError, match="max_pixels"):
-        load_adapter({**CFG, "max_pixels": 1000}, str(tiny_model_dirs["tiny-llava"]))
+        load_adapter(spec_of(str(tiny_model_dirs["tiny-llava"]), max_pixels=1000))
 
 
 def test_qwen2_vl_processor_without_torchvision(adapters):
@@ -248,15 +253,15 @@ def test_missing_weights_fail_loudly(tiny_model_dirs, tmp_path):
     del weights[dropped]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing"):
-        load_adapter(dict(CFG), str(broken))
+        load_adapter(spec_of(broken))
 
 
 def test_dtype_and_info(tiny_model_dirs):
-    adapter = load_adapter({**CFG, "dtype": "bfloat16"}, str(tiny_model_dirs["tiny-llava"]))
+    adapter = load_adapter(spec_of(str(tiny_model_dirs["tiny-llava"]), dtype="bfloat16"))
     assert adapter.info.dtype == "bfloat16" and adapter.info.device == "cpu"
     assert adapter.info.architecture == "LlavaForConditionalGeneration"
     with pytest.raises(ValueError, match="dtype"):
-        load_adapter({**CFG, "dtype": "float64"}, str(tiny_model_dirs["tiny-llava"]))
+        load_adapter(spec_of(str(tiny_model_dirs["tiny-llava"]), dtype="float64"))
 
 
 def test_lookup_dispatches_on_model_type():
@@ -296,7 +301,7 @@ def test_render_prompt_without_template_is_an_error(adapters):
 def test_generic_path_equals_specific_adapter(adapters, tiny_model_dirs, image_rows):
     from stagelens.adapters.hf import load_hf_adapter
 
-    generic = load_hf_adapter(dict(CFG), str(tiny_model_dirs["tiny-llava"]), None)
+    generic = load_hf_adapter(spec_of(tiny_model_dirs["tiny-llava"]), None)
     assert generic.position_ids  # Llama text model: positions from the attention mask
     images = load_images(image_rows, 3)
     a = generic.forward(images, QUESTION, [0, 4], ["last", "image_mean"])
@@ -307,7 +312,7 @@ def test_generic_path_equals_specific_adapter(adapters, tiny_model_dirs, image_r
 
 @pytest.mark.parametrize("recipe", ["tiny-llava-next", "tiny-qwen2-vl"])
 def test_bfloat16_forward_returns_float32_close_to_float32(adapters, tiny_model_dirs, image_rows, recipe):
-    bf16 = load_adapter({**CFG, "dtype": "bfloat16"}, str(tiny_model_dirs[recipe]))
+    bf16 = load_adapter(spec_of(str(tiny_model_dirs[recipe]), dtype="bfloat16"))
     images = load_images(image_rows, 2)
     low = bf16.forward(images, QUESTION, [0, 4], ["last", "image_mean"])
     full = adapters[recipe].forward(images, QUESTION, [0, 4], ["last", "image_mean"])
@@ -319,7 +324,7 @@ def test_bfloat16_forward_returns_float32_close_to_float32(adapters, tiny_model_
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_two_token_answer_path_equals_forward_with_the_token_appended(adapters, tiny_model_dirs, image_rows, recipe):
     """A whitespace-then-word path (Llama-2 digits) scores p(ws) * p(word | ws), via one cached step."""
-    adapter = load_adapter(dict(CFG), str(tiny_model_dirs[recipe]))  # fresh: its answer paths are changed
+    adapter = load_adapter(spec_of(tiny_model_dirs[recipe]))  # fresh: its answer paths are changed
     tok = adapter.processor.tokenizer
     ws, one = tok.convert_tokens_to_ids("Ġ"), tok.convert_tokens_to_ids("1")
     adapter.answer_paths["1"] = [(ws, one)]
@@ -382,8 +387,8 @@ def test_hub_id_from_offline_cache_records_the_commit(tiny_model_dirs, tmp_path)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(tiny_model_dirs["tiny-llava"], repo / "snapshots" / commit)
-    code = ("from stagelens.adapters import load_adapter; "
-            "print(load_adapter({'revision': 'main', 'device': 'cpu'}, 'stagelens/tiny-llava').info.revision)")
+    code = ("from stagelens.adapters import load_adapter; from stagelens.spec import ModelSpec; "
+            "print(load_adapter(ModelSpec('t', 'stagelens/tiny-llava', revision='main', device='cpu')).info.revision)")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -17,6 +17,8 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
+from stagelens.spec import vector_dtype_problem
+
 TINY_RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
 
 
@@ -69,14 +71,6 @@ def read_schema(schema_path: str | os.PathLike) -> dict:
         return yaml.safe_load(fh)
 
 
-def model_layers(model: Mapping[str, Any]) -> list[int]:
-    """Layers a model is extracted and probed at: the explicit list, else every layer 0..L."""
-    layers = model.get("layers")
-    if layers is None:
-        return list(range(int(model["num_layers"]) + 1))
-    return sorted(int(layer) for layer in layers)
-
-
 def enabled_models(config: Mapping[str, Any]) -> dict[str, dict]:
     """The models the workflow runs, by name, in config order."""
     return {name: model for name, model in config["models"].items() if model.get("enabled", True)}
@@ -106,8 +100,9 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
         if len(has) != 1:
             found = "both" if len(has) == 2 else "neither"
             err(["models", name], f"exactly one of 'recipe' or 'path' must be set (found {found})")
-        if model["vector_dtype"] == "float16" and model["dtype"] == "float32":
-            err(["models", name, "vector_dtype"], "float16 vectors need a 16-bit model dtype (bfloat16 or float16); got dtype float32")
+        problem = vector_dtype_problem(model["vector_dtype"], model["dtype"])
+        if problem:
+            err(["models", name, "vector_dtype"], problem)
         top = int(model["num_layers"])
         for i, layer in enumerate(model.get("layers") or []):
             if layer > top:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from stagelens import __version__
 from stagelens.adapters.base import ANSWER_WORDS, POSITIONS, BatchVectors, LayerConvention, ModelAdapter, PreparingAdapter
+from stagelens.spec import ModelSpec, vector_dtype_problem
 from stagelens.store import EmbeddingWriter, ParquetStreamWriter, answers_schema
 
 
@@ -132,63 +133,50 @@ def run_metadata(
     }
 
 
-def check_request(
-    adapter: ModelAdapter,
-    layers: Sequence[int],
-    positions: Sequence[str],
-    embedding_paths: Sequence[str | os.PathLike],
-    num_layers: int | None,
-    model_name: str,
-    vector_dtype: str = "float32",
-) -> None:
+def check_request(adapter: ModelAdapter, spec: ModelSpec, layers: Sequence[int], embedding_paths: Sequence[str | os.PathLike]) -> None:
     """Clear errors for a config that does not fit the model, before any work is done."""
     actual = adapter.info.num_layers
-    if num_layers is not None and int(num_layers) != actual:
+    if spec.num_layers is not None and spec.num_layers != actual:
         raise ValueError(
-            f"models.{model_name}.num_layers is {num_layers} in the config, but {adapter.info.model_id} "
+            f"models.{spec.name}.num_layers is {spec.num_layers} in the config, but {adapter.info.model_id} "
             f"has {actual} decoder blocks: set num_layers: {actual}"
         )
     bad = [layer for layer in layers if not 0 <= int(layer) <= actual]
     if bad:
-        raise ValueError(f"models.{model_name}.layers {bad} out of range 0..{actual}")
-    unknown = [p for p in positions if p not in POSITIONS]
+        raise ValueError(f"models.{spec.name}.layers {bad} out of range 0..{actual}")
+    unknown = [p for p in spec.positions if p not in POSITIONS]
     if unknown:
-        raise ValueError(f"models.{model_name}.positions: unknown {unknown}; known: {list(POSITIONS)}")
-    if vector_dtype == "float16" and adapter.info.dtype == "float32":
-        raise ValueError(
-            f"models.{model_name}: float16 vectors are for float16/bfloat16 models; {adapter.info.model_id} runs in float32"
-        )
+        raise ValueError(f"models.{spec.name}.positions: unknown {unknown}; known: {list(POSITIONS)}")
+    problem = vector_dtype_problem(spec.vector_dtype, adapter.info.dtype)
+    if problem:
+        raise ValueError(f"models.{spec.name}.vector_dtype: {problem} ({adapter.info.model_id})")
     if len(embedding_paths) != len(layers):
         raise ValueError(f"{len(embedding_paths)} embedding paths for {len(layers)} layers")
 
 
 def extract(
     adapter: ModelAdapter,
+    spec: ModelSpec,
     samples: Sequence[Sample],
     prompt: Mapping[str, str],
-    layers: Sequence[int],
-    positions: Sequence[str],
-    batch_size: int,
     embedding_paths: Sequence[str | os.PathLike],
     answers_path: str | os.PathLike,
     *,
-    model_name: str,
     split: str,
-    num_layers: int | None = None,
-    vector_dtype: str = "float32",
     progress: bool = True,
 ) -> dict[str, object]:
-    """Write embedding_paths[i] (layer layers[i]) and answers_path for `samples` under `prompt`.
+    """Write embedding_paths[i] (layer i of `spec`'s layers) and answers_path for `samples` under `prompt`.
 
     prompt: {"id", "text", "family", "expected"}. Returns a small summary (rows, seconds).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if spec.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
     if not samples:
         raise ValueError("no samples to extract")
-    layers = [int(layer) for layer in layers]
-    check_request(adapter, layers, positions, embedding_paths, num_layers, model_name, vector_dtype)
-    meta = {**run_metadata(adapter, model_name, prompt, split, positions), "vector_dtype": vector_dtype}
+    layers = spec.layers_of(adapter.info.num_layers)
+    positions, vector_dtype, batch_size = list(spec.positions), spec.vector_dtype, spec.batch_size
+    check_request(adapter, spec, layers, embedding_paths)
+    meta = {**run_metadata(adapter, spec.name, prompt, split, positions), "vector_dtype": vector_dtype}
     dim = adapter.info.hidden_size
     writers: list[ParquetStreamWriter] = []
     start = time.perf_counter()

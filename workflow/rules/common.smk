@@ -21,9 +21,9 @@ from stagelens.config import (
     all_prompts,
     enabled_models,
     load_config,
-    model_layers,
     rule_suffix,
 )
+from stagelens.spec import model_layers
 
 # The same validation (and defaults) as the library's, so a config means the same everywhere.
 try:

@@ -17,8 +17,6 @@ for _model in MODELS:
             model_path=lambda wildcards, input, m=_model: input.model if is_recipe_model(m) else MODELS[m]["path"],
             prompt=lambda wildcards: PROMPTS[wildcards.prompt],
             split=lambda wildcards: wildcards.split,
-            layers=layers_of(_model),
-            positions=MODELS[_model]["positions"],
         log:
             log_path(f"extract_{_model}", "{split}", "{prompt}"),
         benchmark:

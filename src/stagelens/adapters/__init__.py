@@ -1,4 +1,4 @@
-"""What reads models: `load_adapter(model_cfg, model_path)` picks the adapter by the checkpoint's
+"""What reads models: `load_adapter(spec)` picks the adapter by the checkpoint's
 config.json `model_type` from one explicit table (no registry, no import side effects).
 
 LLaVA-1.5, LLaVA-NeXT and Qwen2-VL have their own entries in `hf.ARCHITECTURES`; the embedded
@@ -14,8 +14,9 @@ from functools import partial
 from typing import Callable
 
 from stagelens.adapters.base import ModelAdapter
+from stagelens.spec import ModelSpec
 
-Loader = Callable[[dict, str], ModelAdapter]
+Loader = Callable[[ModelSpec], ModelAdapter]
 
 EMBEDDED_MODEL_TYPE = "stagelens-embedded"
 
@@ -40,10 +41,10 @@ def checkpoint_config(model_path: str, revision: str | None = None) -> dict:
         return json.load(fh)
 
 
-def load_adapter(model_cfg: dict, model_path: str) -> ModelAdapter:
-    """The adapter for one config model entry; dispatch on config.json's model_type."""
-    config = checkpoint_config(model_path, model_cfg.get("revision") or None)
+def load_adapter(spec: ModelSpec) -> ModelAdapter:
+    """The adapter for one model; dispatch on its checkpoint's config.json model_type."""
+    config = checkpoint_config(spec.checkpoint, spec.revision)
     model_type = config.get("model_type")
     if model_type is None:
-        raise ValueError(f"{model_path}: config.json has no model_type")
-    return loader_for(model_type)(model_cfg, model_path)
+        raise ValueError(f"{spec.checkpoint}: config.json has no model_type")
+    return loader_for(model_type)(spec)

@@ -38,6 +38,7 @@ from stagelens.adapters.efficientnet_vision import (
 )
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index
 from stagelens.prompts import answer_token_ids
+from stagelens.spec import ModelSpec, resolve_device, torch_dtype
 
 ARCHITECTURE = "StagelensEmbeddedForCausalLM"
 IMAGE_TOKEN = "<image>"
@@ -229,23 +230,15 @@ class EmbeddedAdapter(PreparingAdapter):
         )
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def load_embedded_adapter(model_cfg: dict, model_path: str) -> EmbeddedAdapter:
-    """Loader of model_type "stagelens-embedded" checkpoints (model_cfg: the config's model entry)."""
-    dtype_name = model_cfg.get("dtype", "float32")
-    dtype = getattr(torch, dtype_name)
-    device = resolve_device(model_cfg.get("device", "auto"))
-    model = EmbeddedMLLM.from_pretrained(Path(model_path), dtype=dtype).to(device)
+def load_embedded_adapter(spec: ModelSpec) -> EmbeddedAdapter:
+    """Loader of model_type "stagelens-embedded" checkpoints."""
+    device = resolve_device(spec.device)
+    model = EmbeddedMLLM.from_pretrained(Path(spec.checkpoint), dtype=torch_dtype(spec.dtype)).to(device)
     info = ModelInfo(
-        model_id=str(model_path),
-        revision=str(model_cfg.get("revision") or "local"),
+        model_id=spec.checkpoint,
+        revision=spec.revision or "local",
         architecture=ARCHITECTURE,
-        dtype=dtype_name,
+        dtype=spec.dtype,
         device=device,
         num_layers=model.config.num_layers,
         hidden_size=model.config.lm_hidden_size,

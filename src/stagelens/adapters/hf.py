@@ -23,28 +23,11 @@ from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, Prepa
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
 from stagelens.adapters.qwen_processor import load_qwen2_vl_processor, torchvision_available
 from stagelens.prompts import answer_token_paths, build_inputs, render_prompt
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from stagelens.spec import ModelSpec, resolve_device, torch_dtype
 
 # Text models with plain 1-D RoPE: they get position_ids = cumsum(mask) - 1 under left padding
 # (what generate() does). M-RoPE models (Qwen2-VL) compute their own 3-D positions.
 _POSITION_IDS_TEXT_TYPES = ("llama", "mistral")
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda if available else cpu; anything else as torch understands it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return resolved
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -230,28 +213,27 @@ def resolve_revision(model_path: str, revision: str | None) -> str:
     return str(revision or "main")
 
 
-def _load_processor(arch: Architecture | None, model_path: str, revision: str | None, model_cfg: dict, processor_kwargs: dict):
-    trust = bool(model_cfg.get("trust_remote_code", False))
+def _load_processor(arch: Architecture | None, spec: ModelSpec, processor_kwargs: dict):
+    model_path, revision = spec.checkpoint, spec.revision
     if arch is QWEN2_VL:
         return load_qwen2_vl_processor(model_path, revision=revision, **processor_kwargs)
     from transformers import AutoProcessor
 
     backend = {} if torchvision_available() else {"backend": "pil"}
     return AutoProcessor.from_pretrained(
-        model_path, revision=revision, trust_remote_code=trust, **backend, **processor_kwargs
+        model_path, revision=revision, trust_remote_code=spec.trust_remote_code, **backend, **processor_kwargs
     )
 
 
-def load_hf_adapter(model_cfg: dict, model_path: str, arch: Architecture | None = None) -> HFAdapter:
+def load_hf_adapter(spec: ModelSpec, arch: Architecture | None = None) -> HFAdapter:
     """Load model + processor for `arch` (None: AutoModelForImageTextToText) and wrap them.
 
     Fails on missing weights: transformers would silently random-initialise them.
     """
-    revision = model_cfg.get("revision") or None
-    dtype = resolve_dtype(model_cfg.get("dtype", "float32"))
-    device = resolve_device(str(model_cfg.get("device", "auto")))
-    trust = bool(model_cfg.get("trust_remote_code", False))
-    max_pixels = model_cfg.get("max_pixels")
+    model_path, revision = spec.checkpoint, spec.revision
+    dtype = torch_dtype(spec.dtype)
+    device = resolve_device(spec.device)
+    max_pixels = spec.max_pixels
     processor_kwargs: dict = {}
     if max_pixels is not None:
         if arch is not None and not arch.max_pixels:
@@ -263,9 +245,9 @@ def load_hf_adapter(model_cfg: dict, model_path: str, arch: Architecture | None 
         model_path,
         revision=revision,
         dtype=dtype,
-        trust_remote_code=trust,
+        trust_remote_code=spec.trust_remote_code,
         output_loading_info=True,
-        device_map=str(device),
+        device_map=device,
     )
     if loading.get("missing_keys"):
         missing = sorted(loading["missing_keys"])
@@ -274,7 +256,7 @@ def load_hf_adapter(model_cfg: dict, model_path: str, arch: Architecture | None 
             f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
         )
     model.eval()
-    processor = _load_processor(arch, model_path, revision, model_cfg, processor_kwargs)
+    processor = _load_processor(arch, spec, processor_kwargs)
 
     text_config = model.config.get_text_config()
     position_ids = arch.position_ids if arch is not None else text_config.model_type in _POSITION_IDS_TEXT_TYPES
@@ -289,7 +271,7 @@ def load_hf_adapter(model_cfg: dict, model_path: str, arch: Architecture | None 
         revision=resolve_revision(model_path, revision),
         architecture=type(model).__name__,
         dtype=str(model.dtype).removeprefix("torch."),
-        device=str(device),
+        device=device,
         num_layers=int(num_layers if num_layers is not None else len(find_decoder_layers(model))),
         hidden_size=int(text_config.hidden_size),
     )
