@@ -134,6 +134,26 @@ BAD = [
         lambda c: c["models"]["tiny-llava"].update(vector_dtype="float16"),
         "config error at models.tiny-llava.vector_dtype: float16 vectors need a 16-bit model dtype",
     ),
+    (
+        lambda c: c["prompts"]["variants"][0].update(family="negaton"),
+        "config error at prompts.variants[0].family: unknown family 'negaton' (did you mean 'negation'?)",
+    ),
+    (
+        lambda c: c["prompts"]["variants"].append({**c["prompts"]["variants"][0], "id": "Neg"}),
+        "config error at prompts.variants[1].id: prompt id 'Neg' differs from 'neg' (prompts.variants[0]) only in case",
+    ),
+    (
+        lambda c: c["prompts"]["variants"][0].update(id="ANCHOR"),
+        "config error at prompts.variants[0].id: prompt id 'ANCHOR' differs from 'anchor' (prompts.anchor) only in case",
+    ),
+    (
+        lambda c: c["models"].update({"Tiny-Llava": {"recipe": "tiny-llava", "num_layers": 2}}),
+        "config error at models.Tiny-Llava: name differs from model 'tiny-llava' only in case",
+    ),
+    (
+        lambda c: c["prompts"].update(families=["negation", "negation"]),
+        "config error at prompts.families: ['negation', 'negation'] has non-unique elements",
+    ),
 ]
 
 
@@ -142,6 +162,13 @@ def test_bad_config_names_the_key_and_the_expectation(edit, message):
     with pytest.raises(ConfigError) as info:
         load(mutated(edit))
     assert message in str(info.value)
+
+
+def test_declared_families_are_accepted():
+    cfg = load(mutated(lambda c: (c["prompts"].update(families=["syntax"]),
+                                  c["prompts"]["variants"][0].update(family="syntax"))))
+    assert cfg["prompts"]["variants"][0]["family"] == "syntax"
+    assert load(MINIMAL)["prompts"]["families"] == []
 
 
 def test_every_problem_is_reported_at_once():

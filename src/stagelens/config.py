@@ -7,6 +7,7 @@ that Snakemake accepts is exactly one the library accepts, with the same default
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,6 +21,9 @@ from jsonschema.exceptions import ValidationError
 from stagelens.spec import vector_dtype_problem
 
 TINY_RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
+# Families the stage rule reads (stagelens.stages) plus the anchor's; others must be declared
+# under prompts.families, so a misspelt family cannot drop a variant out of stage detection.
+BUILTIN_FAMILIES = ("anchor", "lexical", "negation", "format", "control")
 
 
 class ConfigError(ValueError):
@@ -87,6 +91,30 @@ def rule_suffix(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", model_name)
 
 
+def path_key(name: str) -> str:
+    """The form under which two names denote the same output folder on a case-insensitive file
+    system (macOS, Windows): names equal after case folding collide."""
+    return name.casefold()
+
+
+def _family_messages(config: Mapping[str, Any]) -> list[str]:
+    """Every prompt's family must be built in or declared in prompts.families."""
+    prompts = config["prompts"]
+    known = [*BUILTIN_FAMILIES, *prompts.get("families", [])]
+    located = [(["prompts", "anchor", "family"], prompts["anchor"].get("family", "anchor"))]
+    located += [(["prompts", "variants", i, "family"], v["family"]) for i, v in enumerate(prompts.get("variants", []))]
+    messages = []
+    for parts, family in located:
+        if family not in known:
+            close = difflib.get_close_matches(family, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            messages.append(
+                f"config error at {key_path(parts)}: unknown family {family!r}{hint}; built in: "
+                f"{', '.join(BUILTIN_FAMILIES)}; declare a family of your own under prompts.families"
+            )
+    return messages
+
+
 def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
     """Rules a JSON schema cannot express."""
     messages: list[str] = []
@@ -95,6 +123,7 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
         messages.append(f"config error at {key_path(parts)}: {text}")
 
     suffixes: dict[str, str] = {}
+    folders: dict[str, str] = {}
     for name, model in config["models"].items():
         has = [key for key in ("recipe", "path") if model.get(key) is not None]
         if len(has) != 1:
@@ -110,21 +139,31 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
         suffix = rule_suffix(name)
         if suffix in suffixes:
             err(["models", name], f"name collides with model {suffixes[suffix]!r} in rule name 'extract_{suffix}'")
+        elif path_key(name) in folders:
+            err(["models", name], f"name differs from model {folders[path_key(name)]!r} only in case: "
+                "both would write results/<model>/ on a case-insensitive file system")
         suffixes[suffix] = name
+        folders.setdefault(path_key(name), name)
     if not enabled_models(config):
         err(["models"], "no model has enabled: true; there is nothing to run")
 
     anchor_id = config["prompts"]["anchor"]["id"]
-    seen: dict[str, int] = {}
+    # Prompt ids name output folders: ids equal after case folding would share one.
+    seen: dict[str, tuple[str, str]] = {path_key(anchor_id): ("prompts.anchor", anchor_id)}
     for i, prompt in enumerate(config["prompts"].get("variants", [])):
         pid = prompt["id"]
         if pid == anchor_id:
             err(["prompts", "variants", i, "id"], f"{pid!r} is the anchor's id; variant ids must differ from it")
-        elif pid in seen:
-            err(["prompts", "variants", i, "id"], f"duplicate prompt id {pid!r} (also prompts.variants[{seen[pid]}])")
+        elif path_key(pid) in seen:
+            where, other = seen[path_key(pid)]
+            if other == pid:
+                err(["prompts", "variants", i, "id"], f"duplicate prompt id {pid!r} (also {where})")
+            else:
+                err(["prompts", "variants", i, "id"], f"prompt id {pid!r} differs from {other!r} ({where}) only in case: "
+                    "both would name one output folder on a case-insensitive file system")
         else:
-            seen[pid] = i
-    return messages
+            seen[path_key(pid)] = (f"prompts.variants[{i}]", pid)
+    return messages + _family_messages(config)
 
 
 def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict:
