@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
-
 from stagelens.atomic import atomic_path
+from stagelens.images import image_error
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 METADATA_KEY = b"stagelens"
@@ -84,10 +83,26 @@ def read_class_list(path: str | os.PathLike) -> list[ImageClass]:
 
 
 def list_class_folders(root: str | os.PathLike) -> list[str]:
-    """Sub-folders of the root (hidden ones excluded), sorted."""
+    """Sub-folders of the root (hidden ones excluded), sorted. A folder name that is not UTF-8
+    or a link that leads nowhere (dangling, or a loop) is an error, not a class quietly lost."""
     if not os.path.isdir(root):
         raise DatasetError(f"dataset root {root} is not a directory")
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    bad = [f"{os.fsencode(e.path)!r}: name is not valid UTF-8" for e in entries if not _is_utf8(e.name)]
+    bad += [f"{e.path}: symbolic link to nowhere (dangling or a loop)" for e in entries
+            if e.is_symlink() and not os.path.exists(e.path)]
+    if bad:
+        raise DatasetError(f"dataset root {root}: unusable class folder(s):\n  " + "\n  ".join(bad))
+    return sorted(e.name for e in entries if e.is_dir())
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a file name with bytes that are not UTF-8 (Python keeps them as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def list_images(class_dir: str | os.PathLike) -> list[str]:
@@ -99,19 +114,6 @@ def list_images(class_dir: str | os.PathLike) -> list[str]:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 found.append(Path(dirpath, name).relative_to(class_dir).as_posix())
     return sorted(found)
-
-
-def image_error(path: str | os.PathLike) -> str | None:
-    """None when the file decodes as an image, else why not (PIL verify, then a full load)."""
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        # verify() leaves the image unusable and misses truncated pixel data: decode it too.
-        with Image.open(path) as img:
-            img.load()
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 # --- pure logic ------------------------------------------------------------------------------
@@ -161,13 +163,12 @@ def split_class(
     n_train: int,
     n_test: int,
     error_of: Callable[[str], str | None],
-    on_broken_image: str = "error",
 ) -> ClassSplit:
     """Take readable images in candidate order: the first n_train go to train, the next n_test to test.
 
     `error_of(relative path)` says why an image is unreadable (None when fine); only as many
-    images are checked as the split needs. A broken image raises (on_broken_image="error") or
-    is passed over for the next candidate and recorded ("skip").
+    images are checked as the split needs. Unreadable ones are passed over for the next
+    candidate and recorded; whether that is an error is the caller's choice (`build_manifest`).
     """
     need = n_train + n_test
     if len(files) < need:
@@ -183,16 +184,32 @@ def split_class(
         error = error_of(rel)
         if error is None:
             chosen.append(rel)
-        elif on_broken_image == "skip":
-            skipped.append((rel, error))
         else:
-            raise DatasetError(f"unreadable image {cls.folder}/{rel}: {error} (set dataset.on_broken_image: skip to pass over it)")
-    if len(chosen) < need:
-        raise DatasetError(
-            f"class {cls.folder!r} ({cls.name}) has {len(files)} images of which {len(skipped)} are unreadable; "
-            f"needs {need} readable (train_per_class={n_train} + test_per_class={n_test})"
-        )
+            skipped.append((rel, error))
     return ClassSplit(train=chosen[:n_train], test=chosen[n_train:], skipped=skipped)
+
+
+def check_splits(
+    classes: Sequence[ImageClass], splits: Mapping[str, ClassSplit], n_train: int, n_test: int, on_broken_image: str
+) -> None:
+    """One error for the whole dataset: every unreadable image met (on_broken_image="error"),
+    else every class left with too few readable images."""
+    broken = [f"{cls.folder}/{rel}: {error}" for cls in classes for rel, error in splits[cls.folder].skipped]
+    if broken and on_broken_image == "error":
+        raise DatasetError(
+            f"{len(broken)} unreadable image(s); replace them, or set dataset.on_broken_image: skip to pass over them "
+            "(removing them redraws the split):\n" + "\n".join(f"unreadable image {line}" for line in broken)
+        )
+    need = n_train + n_test
+    short = []
+    for cls in classes:
+        split = splits[cls.folder]
+        readable = len(split.train) + len(split.test)
+        if readable < need:  # then every file of the class was checked
+            short.append(f"class {cls.folder!r} ({cls.name}) has {readable + len(split.skipped)} images of which "
+                         f"{len(split.skipped)} are unreadable; needs {need} readable")
+    if short:
+        raise DatasetError("\n".join(short) + f" (train_per_class={n_train} + test_per_class={n_test})")
 
 
 def sample_id(folder: str, rel: str) -> str:
@@ -254,8 +271,8 @@ def build_manifest(
             train_per_class,
             test_per_class,
             lambda rel, d=class_dir: error_of(os.path.join(d, rel)),
-            on_broken_image,
         )
+    check_splits(classes, splits, train_per_class, test_per_class, on_broken_image)
     skipped = [
         {"path": os.path.join(root, folder, rel), "error": error}
         for folder, split in splits.items()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from stagelens import __version__
 from stagelens.adapters.base import ANSWER_WORDS, POSITIONS, BatchVectors, LayerConvention, ModelAdapter, PreparingAdapter
+from stagelens.images import ImageDecodeError, open_rgb
 from stagelens.spec import ModelSpec, vector_dtype_problem
 from stagelens.store import EmbeddingWriter, ParquetStreamWriter, answers_schema
 
@@ -51,12 +52,11 @@ def read_split(manifest_path: str | os.PathLike, split: str, image_root: str | o
 
 
 def load_image(path: str) -> Image.Image:
-    """An RGB image fully read into memory (the file handle is closed at once)."""
+    """The image as the model sees it (stagelens.images.open_rgb); errors name the file."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+        return open_rgb(path)
+    except ImageDecodeError as err:
+        raise ImageDecodeError(f"cannot read image {path}: {err}") from err
 
 
 def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[Sequence[Sample]]:
