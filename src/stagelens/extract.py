@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from stagelens import __version__
 from stagelens.adapters.base import ANSWER_WORDS, POSITIONS, BatchVectors, LayerConvention, ModelAdapter, PreparingAdapter
+from stagelens.finite import check_finite
 from stagelens.images import ImageDecodeError, open_rgb
 from stagelens.spec import ModelSpec, vector_dtype_problem
 from stagelens.store import EmbeddingWriter, ParquetStreamWriter, answers_schema
@@ -190,6 +191,7 @@ def extract(
         with tqdm(total=len(samples), unit="img", file=sys.stderr, disable=not progress, desc=f"extract {split}/{prompt['id']}") as bar:
             for batch, out in _run_batches(adapter, samples, batch_size, prompt["text"], layers, positions):
                 ids = [s.sample_id for s in batch]
+                check_finite(out.vectors, layers, ids, vector_dtype)
                 labels = np.asarray([s.label for s in batch], dtype=np.int32)
                 for i, writer in enumerate(emb_writers):
                     writer.append(ids, labels, {pos: out.vectors[pos][i] for pos in positions})
