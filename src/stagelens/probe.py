@@ -1,4 +1,4 @@
-"""Linear class probes: fit (scikit-learn, training jobs only), apply and store (numpy + safetensors).
+"""Linear class probes: apply and store (numpy + safetensors); fitting is in stagelens.probe_training.
 
 A probe is standardisation followed by a multinomial linear map. Applying it needs only numpy,
 so evaluation jobs load the safetensors file and never import torch or scikit-learn.
@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,98 +46,6 @@ class Probe:
         return self.classes[np.argmax(self.logits(x), axis=1)]
 
 
-@dataclass(frozen=True)
-class FitReport:
-    """What the fit chose and how well it did; written to the JSON sidecar."""
-
-    C: float
-    train_accuracy: float
-    cv_accuracy: float
-    cv_accuracy_by_C: dict[str, float]
-    cv_folds: int
-    n: int
-    n_features: int
-    n_classes: int
-    n_iter: int
-    converged: bool
-
-
-def fit_probe(
-    x: np.ndarray,
-    y: np.ndarray,
-    Cs: Sequence[float],
-    cv_folds: int,
-    max_iter: int,
-    seed: int,
-    n_jobs: int = 1,
-) -> tuple[Probe, FitReport]:
-    """Fit standardised multinomial logistic regression, choosing C by stratified K-fold CV.
-
-    The scaler is refitted inside every fold (a pipeline), so CV accuracy does not see the
-    held-out fold's statistics. scikit-learn is imported here and nowhere else: only
-    probe-training jobs pay for it.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
-    if len(x) != len(y):
-        raise ValueError(f"features have {len(x)} rows but labels {len(y)}")
-    classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        raise ValueError(f"a probe needs at least two classes, got {classes.tolist()}")
-    folds = min(cv_folds, int(counts.min()))
-    if folds < 2:
-        raise ValueError(
-            f"cross-validation needs >= 2 training samples per class; smallest class has {counts.min()}"
-        )
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
-    search = GridSearchCV(
-        pipe,
-        {"logisticregression__C": [float(c) for c in Cs]},
-        cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed),
-        scoring="accuracy",
-        n_jobs=n_jobs,
-        refit=True,
-    )
-    # Parallelism comes from the CV fits (n_jobs processes); BLAS threads on top of them
-    # oversubscribe the cores, which made fits up to 80x slower on a busy 2-core machine.
-    with threadpool_limits(limits=1):
-        search.fit(x, y)
-    best = search.best_estimator_
-    scaler, lr = best[0], best[1]
-    weight, bias = lr.coef_, lr.intercept_
-    if weight.shape[0] == 1:
-        # Binary sklearn models keep one row (the positive class); two rows with the
-        # negative class at zero give the same softmax and argmax.
-        weight = np.vstack([np.zeros_like(weight), weight])
-        bias = np.concatenate([[0.0], bias])
-    probe = Probe(
-        weight=np.ascontiguousarray(weight, dtype=np.float32),
-        bias=bias.astype(np.float32),
-        mean=scaler.mean_.astype(np.float32),
-        scale=scaler.scale_.astype(np.float32),
-        classes=lr.classes_.astype(np.int64),
-    )
-    cv_means = search.cv_results_["mean_test_score"]
-    n_iter = int(np.max(lr.n_iter_))
-    report = FitReport(
-        C=float(search.best_params_["logisticregression__C"]),
-        train_accuracy=float(np.mean(probe.predict(x) == y)),
-        cv_accuracy=float(search.best_score_),
-        cv_accuracy_by_C={repr(float(c)): float(s) for c, s in zip(Cs, cv_means)},
-        cv_folds=folds,
-        n=int(len(y)),
-        n_features=int(x.shape[1]),
-        n_classes=int(len(classes)),
-        n_iter=n_iter,
-        converged=n_iter < max_iter,
-    )
-    return probe, report
-
-
 def shuffled_labels(y: np.ndarray, seed: int) -> np.ndarray:
     """Labels permuted with the seed: the control task of a selectivity estimate."""
     return np.random.default_rng(seed).permutation(y)
@@ -154,8 +62,11 @@ def save_probes(probes: dict[str, Probe], path: str | os.PathLike, sidecar: dict
         for pos, probe in probes.items()
         for name in ("weight", "bias", "mean", "scale", "classes")
     }
+    # One metadata entry: safetensors writes the metadata map in hash order, so two entries
+    # came out in either order and the same probes gave different bytes from run to run.
+    metadata = {"stagelens": json.dumps({"format": "stagelens-probe", "positions": list(probes)}, sort_keys=True)}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "stagelens-probe", "positions": ",".join(probes)})
+        save_file(tensors, str(tmp), metadata=metadata)
     write_json(path.with_suffix(".json"), sidecar)
 
 

@@ -1,0 +1,268 @@
+"""Batched multinomial logistic regression in torch: many standardised L2 problems, one L-BFGS.
+
+Every problem is a subset of the rows of one feature matrix (a cross-validation fold's training
+rows, or all rows) with its own labels, standardised on its own rows as scikit-learn's
+StandardScaler does, and minimises scikit-learn's LogisticRegression objective, scaled as there:
+
+    f(W, b) = mean_i CE(softmax(W x_i + b), y_i) + ||W||^2 / (2 C n)      (b unpenalised)
+
+so `tol` means what it means for scikit-learn's lbfgs: stop when the largest gradient entry of
+f is at most tol. Two classes follow scikit-learn's binary model (one logistic row, the other
+fixed at zero), not a two-row softmax, whose penalty would halve the effective C.
+All problems advance together: one batched matmul per evaluation, each problem with its own
+L-BFGS memory and Armijo step, and the C path is walked upwards with warm starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+HISTORY = 10  # L-BFGS memory (scipy's default, which scikit-learn uses)
+ARMIJO = 1e-4
+MAX_BACKTRACKS = 30
+# float32 logits resolve f to roughly 1e-9 relative: a problem whose f has moved less than this
+# for PATIENCE iterations in a row has stopped making progress and is stopped (not converged).
+FTOL, PATIENCE = 1e-10, 10
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One fit: the rows of the shared feature matrix it trains on and their labels (0..K-1)."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class PathFit:
+    """Solutions of every problem at one C (arrays indexed by problem)."""
+
+    C: float
+    weight: np.ndarray  # (S, K, D) float32, on standardised features
+    bias: np.ndarray  # (S, K) float32
+    objective: np.ndarray  # (S,) float64, f at the solution
+    grad_max: np.ndarray  # (S,) float64, largest |gradient entry| at the solution
+    n_iter: np.ndarray  # (S,) int64
+    converged: np.ndarray  # (S,) bool: grad_max <= tol
+
+
+@dataclass(frozen=True)
+class Standardisation:
+    mean: np.ndarray  # (S, D) float32
+    scale: np.ndarray  # (S, D) float32
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> the first CUDA device when torch sees one, else the CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"probe.device is {device!r} but torch sees no CUDA device")
+    return resolved
+
+
+def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and scale of the columns of x, in float64, as scikit-learn's StandardScaler computes them.
+
+    A column whose variance is within the two-pass algorithm's rounding error of zero (scikit-learn's
+    `_is_constant_feature`) gets scale 1, so it standardises to zeros instead of amplified noise.
+    """
+    x64 = x.to(torch.float64)
+    n = x64.shape[0]
+    mean = x64.mean(0)
+    var = (x64 - mean).square().mean(0)
+    eps = torch.finfo(torch.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps).square()
+    scale = torch.where(constant, torch.ones_like(var), var.sqrt())
+    return mean, scale
+
+
+class _Batch:
+    """The problems' standardised features (with a ones column for the bias), padded to one tensor."""
+
+    def __init__(self, x: np.ndarray, problems: Sequence[Problem], n_classes: int, device: torch.device):
+        n_max = max(len(p.rows) for p in problems)
+        S, D = len(problems), x.shape[1]
+        self.n_classes, self.dim = n_classes, D
+        self.X = torch.zeros(S, n_max, D + 1, dtype=torch.float32, device=device)
+        self.Y = torch.zeros(S, n_max, dtype=torch.int64, device=device)
+        self.w = torch.zeros(S, n_max, dtype=torch.float32, device=device)  # 1/n on real rows, 0 on padding
+        self.n = torch.tensor([len(p.rows) for p in problems], dtype=torch.float64, device=device)
+        means, scales = [], []
+        for s, p in enumerate(problems):
+            xs = torch.from_numpy(np.ascontiguousarray(x[p.rows])).to(device)
+            mean, scale = standardisation(xs)
+            means.append(mean)
+            scales.append(scale)
+            k = len(p.rows)
+            self.X[s, :k, :D] = ((xs.to(torch.float64) - mean) / scale).to(torch.float32)
+            self.X[s, :k, D] = 1.0
+            self.Y[s, :k] = torch.from_numpy(p.labels.astype(np.int64)).to(device)
+            self.w[s, :k] = 1.0 / k
+        self.mean = torch.stack(means).to(torch.float32)
+        self.scale = torch.stack(scales).to(torch.float32)
+        # Penalised entries: every weight, no bias; with two classes row 0 is fixed at zero.
+        self.free = torch.ones(n_classes, D + 1, dtype=torch.float32, device=device)
+        if n_classes == 2:
+            self.free[0] = 0.0
+        self.penalised = self.free.clone()
+        self.penalised[:, D] = 0.0
+
+    def loss_grad(self, W: torch.Tensor, idx: torch.Tensor | None, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f (float64) and its gradient (float32) for the problems `idx` (None: all) at W (len(idx), K, D+1)."""
+        X, Y, w = (self.X, self.Y, self.w) if idx is None else (self.X[idx], self.Y[idx], self.w[idx])
+        Z = torch.bmm(X, W.transpose(1, 2))  # (A, n, K)
+        lse = torch.logsumexp(Z, dim=2)
+        zy = Z.gather(2, Y.unsqueeze(2)).squeeze(2)
+        data = ((lse - zy).to(torch.float64) * w.to(torch.float64)).sum(1)
+        pen = (W.to(torch.float64).square() * self.penalised).sum((1, 2))
+        G = torch.softmax(Z, dim=2)
+        G.scatter_add_(2, Y.unsqueeze(2), -torch.ones_like(zy).unsqueeze(2))
+        G.mul_(w.unsqueeze(2))
+        grad = torch.bmm(G.transpose(1, 2), X)
+        grad.add_(W * self.penalised * lam.to(torch.float32).view(-1, 1, 1))
+        grad.mul_(self.free)
+        return data + 0.5 * lam * pen, grad
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-problem inner product, accumulated in float64."""
+    return (a.to(torch.float64) * b.to(torch.float64)).sum((1, 2))
+
+
+class _Subset:
+    """Caches the gathered tensors of the active problems: re-gathered only when the active set shrinks."""
+
+    def __init__(self, batch: _Batch):
+        self.batch, self.key, self.view = batch, None, None
+
+    def loss_grad(self, W: torch.Tensor, idx: torch.Tensor, lam: torch.Tensor):
+        if len(idx) == self.batch.X.shape[0]:
+            return self.batch.loss_grad(W, None, lam)
+        key = tuple(idx.tolist())
+        if key != self.key:
+            b = self.batch
+            self.view = _Batch.__new__(_Batch)
+            self.view.__dict__.update(b.__dict__)
+            self.view.X, self.view.Y, self.view.w = b.X[idx], b.Y[idx], b.w[idx]
+            self.key = key
+        return self.view.loss_grad(W, None, lam)
+
+
+def _lbfgs(sub: _Subset, W: torch.Tensor, lam: torch.Tensor, tol: float, max_iter: int):
+    """Minimise every problem from W; returns (W, f, max|g|, iterations) per problem."""
+    S = W.shape[0]
+    dev = W.device
+    everyone = torch.arange(S, device=dev)
+    f, g = sub.loss_grad(W, everyone, lam)
+    gmax = g.abs().amax((1, 2)).to(torch.float64)
+    n_iter = torch.zeros(S, dtype=torch.int64, device=dev)
+    s_hist = torch.zeros((HISTORY, *W.shape), dtype=W.dtype, device=dev)
+    y_hist = torch.zeros_like(s_hist)
+    rho = torch.zeros(HISTORY, S, dtype=torch.float64, device=dev)  # 0: slot unused for that problem
+    gamma = torch.ones(S, dtype=torch.float64, device=dev)
+    stalled = torch.zeros(S, dtype=torch.bool, device=dev)
+    flat = torch.zeros(S, dtype=torch.int64, device=dev)  # consecutive iterations without progress
+    for it in range(max_iter):
+        active = (gmax > tol) & ~stalled
+        if not bool(active.any()):
+            break
+        idx = active.nonzero().squeeze(1)
+        # Two-loop recursion, newest pair first; slots with rho 0 (unused or skipped) do nothing.
+        q = g[idx].clone()
+        alphas = []
+        for j in reversed(range(HISTORY)):
+            slot = (it - 1 - (HISTORY - 1 - j)) % HISTORY
+            a = rho[slot, idx] * _dot(s_hist[slot, idx], q)
+            q.sub_(y_hist[slot, idx] * a.to(q.dtype).view(-1, 1, 1))
+            alphas.append((slot, a))
+        q.mul_(gamma[idx].to(q.dtype).view(-1, 1, 1))
+        for slot, a in reversed(alphas):
+            b = rho[slot, idx] * _dot(y_hist[slot, idx], q)
+            q.add_(s_hist[slot, idx] * (a - b).to(q.dtype).view(-1, 1, 1))
+        d = -q
+        slope = _dot(g[idx], d)
+        # A direction that is not a descent direction (rounding after many updates) falls back to -g.
+        bad = slope >= 0
+        if bool(bad.any()):
+            d[bad] = -g[idx][bad]
+            slope = torch.where(bad, -_dot(g[idx], g[idx]), slope)
+        # scipy's first step is 1/||g||; afterwards the quasi-Newton step 1 is usually accepted.
+        first = n_iter[idx] == 0
+        step = torch.where(first, 1.0 / _dot(g[idx], g[idx]).sqrt().clamp_min(1e-300), torch.ones_like(slope))
+        step = torch.where(first, torch.minimum(step, torch.ones_like(step)), step)
+        W_a, f_a = W[idx], f[idx]
+        accepted = torch.zeros(len(idx), dtype=torch.bool, device=dev)
+        W_new, f_new, g_new = W_a.clone(), f_a.clone(), g[idx].clone()
+        for _ in range(MAX_BACKTRACKS):
+            trial = W_a + d * step.to(W.dtype).view(-1, 1, 1)
+            f_t, g_t = sub.loss_grad(trial, idx, lam[idx])
+            ok = ~accepted & (f_t <= f_a + ARMIJO * step * slope)
+            W_new[ok], f_new[ok], g_new[ok] = trial[ok], f_t[ok], g_t[ok]
+            accepted |= ok
+            if bool(accepted.all()):
+                break
+            step = torch.where(accepted, step, step * 0.5)
+        # Curvature pair; a convex objective gives s.y > 0 unless rounding ate the step.
+        s_vec, y_vec = W_new - W_a, g_new - g[idx]
+        sy = _dot(s_vec, y_vec)
+        good = accepted & (sy > 1e-12 * _dot(s_vec, s_vec).sqrt() * _dot(y_vec, y_vec).sqrt())
+        slot = it % HISTORY
+        s_hist[slot, idx] = s_vec
+        y_hist[slot, idx] = y_vec
+        rho[slot, idx] = torch.where(good, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
+        gamma[idx] = torch.where(good, sy / _dot(y_vec, y_vec).clamp_min(1e-300), gamma[idx])
+        # Problems not being advanced this iteration must not see a stale pair in this slot.
+        rest = ~active
+        rho[slot, rest] = 0.0
+        W[idx], f[idx], g[idx] = W_new, f_new, g_new
+        n_iter[idx] += 1
+        progress = (f_a - f_new) > FTOL * f_new.abs().clamp_min(1e-30)
+        flat[idx] = torch.where(progress, torch.zeros_like(flat[idx]), flat[idx] + 1)
+        stalled[idx] = ~accepted | (flat[idx] >= PATIENCE)
+        gmax[idx] = g_new.abs().amax((1, 2)).to(torch.float64)
+    return W, f, gmax, n_iter
+
+
+def fit_path(
+    x: np.ndarray,
+    problems: Sequence[Problem],
+    n_classes: int,
+    Cs: Sequence[float],
+    tol: float,
+    max_iter: int,
+    device: torch.device,
+    progress=None,
+) -> tuple[Standardisation, list[PathFit]]:
+    """Solve every problem at every C in increasing order, each C warm-started from the previous.
+
+    Returns the problems' standardisations and one PathFit per C (in increasing order of C).
+    `progress`, if given, is called with each finished C.
+    """
+    if any(c <= 0 for c in Cs):
+        raise ValueError(f"every C must be positive, got {list(Cs)}")
+    batch = _Batch(x, problems, n_classes, device)
+    sub = _Subset(batch)
+    W = torch.zeros(len(problems), n_classes, x.shape[1] + 1, dtype=torch.float32, device=device)
+    fits = []
+    for C in sorted(set(float(c) for c in Cs)):
+        lam = 1.0 / (C * batch.n)
+        W, f, gmax, n_iter = _lbfgs(sub, W, lam, tol, max_iter)
+        fits.append(PathFit(
+            C=C,
+            weight=W[:, :, :-1].cpu().numpy().copy(),
+            bias=W[:, :, -1].cpu().numpy().copy(),
+            objective=f.cpu().numpy(),
+            grad_max=gmax.cpu().numpy(),
+            n_iter=n_iter.cpu().numpy(),
+            converged=(gmax <= tol).cpu().numpy(),
+        ))
+        if progress is not None:
+            progress(C)
+        W = W.clone()
+    return Standardisation(batch.mean.cpu().numpy(), batch.scale.cpu().numpy()), fits
