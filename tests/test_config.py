@@ -61,7 +61,8 @@ def test_defaults_are_filled_as_documented():
         "enabled": True,
     }
     assert cfg["prompts"]["anchor"]["family"] == "anchor"
-    assert cfg["probe"] == {"cv_folds": 5, "Cs": [0.001, 0.01, 0.1, 1.0, 10.0], "max_iter": 1000}
+    assert cfg["probe"] == {"cv_folds": 5, "Cs": [0.001, 0.01, 0.1, 1.0, 10.0], "max_iter": 1000, "tol": 1e-4,
+                            "solver": "torch", "device": "cpu"}
     assert cfg["evaluate"] == {"n_bootstrap": 1000, "ci": 0.95}
     assert cfg["stages"] == {"min_drop": 0.05, "alpha": 0.05}
 
@@ -101,6 +102,8 @@ BAD = [
     (lambda c: c["prompts"]["variants"][0].update(expected="No"), "config error at prompts.variants[0].expected: 'No' is not one of"),
     (lambda c: c.update(evaluate={"ci": 1.5}), "config error at evaluate.ci: 1.5 is greater than or equal to the maximum of 1"),
     (lambda c: c.update(probe={"cv_folds": 1}), "config error at probe.cv_folds: 1 is less than the minimum of 2"),
+    (lambda c: c.update(probe={"device": "gpu"}), "config error at probe.device: 'gpu' does not match"),
+    (lambda c: c.update(probe={"solver": "saga"}), "config error at probe.solver: 'saga' is not one of"),
     # Cross-field rules (not expressible in the schema).
     (
         lambda c: c["models"]["tiny-llava"].update(path="llava-hf/llava-1.5-7b-hf"),
