@@ -79,8 +79,10 @@ def test_fixed_C_optimum_matches_sklearn_on_tiny_model_features(tiny_model_dirs,
     from conftest import make_images
 
     from stagelens.adapters import load_adapter
+    from stagelens.spec import ModelSpec
 
-    adapter = load_adapter({"dtype": "float32", "device": "cpu", "revision": "main"}, str(tiny_model_dirs["tiny-llava"]))
+    adapter = load_adapter(ModelSpec(name="tiny", checkpoint=str(tiny_model_dirs["tiny-llava"]), dtype="float32",
+                                     device="cpu", revision="main"))
     rows = make_images(tmp_path, 36, seed=3)
     images = [Image.open(path).convert("RGB") for _, _, path in rows]
     out = adapter.forward(images, "Does this image show an animal? Answer yes or no.", [2], ["last", "image_mean"])
@@ -143,7 +145,9 @@ def test_constant_feature_gets_no_weight(solver):
     x, y = correlated(3, 20, 8, seed=2)
     x[:, 5] = 3.0
     probe, report, _, _ = fit_probe_and_control(x, y, settings(solver, Cs=[1.0]), seed=0)
-    assert probe.scale[5] == 1.0 and np.all(probe.weight[:, 5] == 0)
+    # It standardises to zeros, so its weight is what the penalty leaves: zero (scikit-learn), or
+    # rounding from the rotation back out of the principal basis (torch).
+    assert probe.scale[5] == 1.0 and np.abs(probe.weight[:, 5]).max() <= 1e-6 * np.abs(probe.weight).max()
     assert report.converged
 
 

@@ -10,7 +10,8 @@ so `tol` means what it means for scikit-learn's lbfgs: stop when the largest gra
 f is at most tol. Two classes follow scikit-learn's binary model (one logistic row, the other
 fixed at zero), not a two-row softmax, whose penalty would halve the effective C.
 All problems advance together: one batched matmul per evaluation, each problem with its own
-L-BFGS memory and Armijo step, and the C path is walked upwards with warm starts.
+L-BFGS memory and line search, in the principal basis of the features with a diagonal
+preconditioner (see `principal_basis`), and the C path is walked upwards with warm starts.
 """
 
 from __future__ import annotations
@@ -85,10 +86,28 @@ def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, scale
 
 
-class _Batch:
-    """The problems' standardised features (with a ones column for the bias), padded to one tensor."""
+def principal_basis(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Eigenvectors (D, D, float32, orthogonal) of the covariance of the standardised rows of x.
 
-    def __init__(self, x: np.ndarray, problems: Sequence[Problem], n_classes: int, device: torch.device):
+    The problems are solved in this basis: a rotation changes neither the logits nor ||W||, and
+    there the curvature of the loss is close to diagonal (the covariance's eigenvalues), so a
+    diagonal preconditioner removes most of the ill-conditioning of hidden states (a few huge
+    directions over a long tail) that makes plain L-BFGS take hundreds of iterations.
+    """
+    xs = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    mean, scale = standardisation(xs)
+    z = ((xs.to(torch.float64) - mean) / scale).to(torch.float32)
+    gram = (z.T @ z).to(torch.float64) / len(z)
+    _, vectors = torch.linalg.eigh(gram)  # float64: orthogonal to rounding, so ||U|| = ||W||
+    return vectors.to(torch.float32)
+
+
+class _Batch:
+    """The problems' standardised features in the principal basis (with a ones column for the
+    bias), padded to one tensor, and each problem's variance along every basis direction."""
+
+    def __init__(self, x: np.ndarray, problems: Sequence[Problem], n_classes: int, basis: torch.Tensor):
+        device = basis.device
         n_max = max(len(p.rows) for p in problems)
         S, D = len(problems), x.shape[1]
         self.n_classes, self.dim = n_classes, D
@@ -96,6 +115,7 @@ class _Batch:
         self.Y = torch.zeros(S, n_max, dtype=torch.int64, device=device)
         self.w = torch.zeros(S, n_max, dtype=torch.float32, device=device)  # 1/n on real rows, 0 on padding
         self.n = torch.tensor([len(p.rows) for p in problems], dtype=torch.float64, device=device)
+        self.variance = torch.ones(S, 1, D + 1, dtype=torch.float64, device=device)  # the ones column: 1
         means, scales = [], []
         for s, p in enumerate(problems):
             xs = torch.from_numpy(np.ascontiguousarray(x[p.rows])).to(device)
@@ -103,8 +123,10 @@ class _Batch:
             means.append(mean)
             scales.append(scale)
             k = len(p.rows)
-            self.X[s, :k, :D] = ((xs.to(torch.float64) - mean) / scale).to(torch.float32)
+            rotated = ((xs.to(torch.float64) - mean) / scale).to(torch.float32) @ basis
+            self.X[s, :k, :D] = rotated
             self.X[s, :k, D] = 1.0
+            self.variance[s, 0, :D] = rotated.to(torch.float64).square().mean(0)
             self.Y[s, :k] = torch.from_numpy(p.labels.astype(np.int64)).to(device)
             self.w[s, :k] = 1.0 / k
         self.mean = torch.stack(means).to(torch.float32)
@@ -115,6 +137,12 @@ class _Batch:
             self.free[0] = 0.0
         self.penalised = self.free.clone()
         self.penalised[:, D] = 0.0
+
+    def preconditioner(self, lam: torch.Tensor) -> torch.Tensor:
+        """(S, 1, D+1) diagonal inverse-curvature estimate: 1 / (c variance + lam), c = 1/K (softmax)."""
+        c = 1.0 / self.n_classes
+        pen = self.penalised[0].to(torch.float64).view(1, 1, -1) * lam.view(-1, 1, 1)
+        return (1.0 / (c * self.variance + pen)).to(torch.float32)
 
     def loss_grad(self, W: torch.Tensor, idx: torch.Tensor | None, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f (float64) and its gradient (float32) for the problems `idx` (None: all) at W (len(idx), K, D+1)."""
@@ -157,11 +185,28 @@ class _Subset:
         return self.view.loss_grad(W, None, lam)
 
 
-def _lbfgs(sub: _Subset, W: torch.Tensor, lam: torch.Tensor, tol: float, max_iter: int):
-    """Minimise every problem from W; returns (W, f, max|g|, iterations) per problem."""
+def _lbfgs(sub: _Subset, W: torch.Tensor, lam: torch.Tensor, tol: float, max_iter: int, basis: torch.Tensor):
+    """Minimise every problem from W (in the principal basis); returns (W, f, max|g|, iterations).
+
+    max|g| is scikit-learn's criterion, on the gradient in the original basis: it is computed
+    (one rotation) for the problems whose rotated gradient already meets tol.
+    """
     S, dev = W.shape[0], W.device
     f, g = sub.loss_grad(W, torch.arange(S, device=dev), lam)
-    gmax = g.abs().amax((1, 2)).to(torch.float64)
+    P = sub.batch.preconditioner(lam)
+    done = torch.zeros(S, dtype=torch.bool, device=dev)
+
+    def criterion(grad: torch.Tensor, where) -> torch.Tensor:
+        rotated_max = grad.abs().amax((1, 2)).to(torch.float64)
+        near = rotated_max <= tol
+        if bool(near.any()):
+            weights = grad[near][:, :, :-1] @ basis.T
+            true = torch.maximum(weights.abs().amax((1, 2)), grad[near][:, :, -1].abs().amax(1))
+            rotated_max[near] = true.to(torch.float64)
+        done[where] = rotated_max <= tol
+        return rotated_max
+
+    gmax = criterion(g, slice(None))
     n_iter = torch.zeros(S, dtype=torch.int64, device=dev)
     s_hist = torch.zeros((HISTORY, *W.shape), dtype=W.dtype, device=dev)
     y_hist = torch.zeros_like(s_hist)
@@ -171,7 +216,7 @@ def _lbfgs(sub: _Subset, W: torch.Tensor, lam: torch.Tensor, tol: float, max_ite
     best = gmax.clone()
     since_best = torch.zeros(S, dtype=torch.int64, device=dev)
     for it in range(max_iter):
-        active = (gmax > tol) & ~stalled
+        active = ~done & ~stalled
         if not bool(active.any()):
             break
         idx = active.nonzero().squeeze(1)
@@ -185,7 +230,7 @@ def _lbfgs(sub: _Subset, W: torch.Tensor, lam: torch.Tensor, tol: float, max_ite
             a = rho[slot, sel] * _dot(s_hist[slot, sel], q)
             q.sub_(y_hist[slot, sel] * a.to(q.dtype).view(-1, 1, 1))
             alphas.append(a)
-        q.mul_(gamma[sel].to(q.dtype).view(-1, 1, 1))
+        q.mul_(P[sel] * gamma[sel].to(q.dtype).view(-1, 1, 1))
         for slot, a in zip(reversed(slots), reversed(alphas)):
             b = rho[slot, sel] * _dot(y_hist[slot, sel], q)
             q.add_(s_hist[slot, sel] * (a - b).to(q.dtype).view(-1, 1, 1))
@@ -196,10 +241,8 @@ def _lbfgs(sub: _Subset, W: torch.Tensor, lam: torch.Tensor, tol: float, max_ite
         if bool(bad.any()):
             d[bad] = -g_a[bad]
             slope = torch.where(bad, -_dot(g_a, g_a), slope)
-        # scipy's first step is 1/||g||; afterwards the quasi-Newton step 1 is usually accepted.
-        first = n_iter[sel] == 0
-        step = torch.where(first, (1.0 / _dot(g_a, g_a).sqrt().clamp_min(1e-300)).clamp_max(1.0),
-                           torch.ones_like(slope))
+        # The preconditioned step 1 is a rough Newton step; the line search corrects it.
+        step = torch.ones_like(slope)
         accepted = torch.zeros(len(idx), dtype=torch.bool, device=dev)
         W_new, f_new, g_new = W_a.clone(), f_a.clone(), g_a.clone()
         for _ in range(MAX_BACKTRACKS):
@@ -216,7 +259,7 @@ def _lbfgs(sub: _Subset, W: torch.Tensor, lam: torch.Tensor, tol: float, max_ite
             step = torch.where(accepted, step, step * 0.5)
         # Curvature pair; a convex objective gives s.y > 0 unless rounding ate the step.
         s_vec, y_vec = W_new - W_a, g_new - g_a
-        sy, yy = _dot(s_vec, y_vec), _dot(y_vec, y_vec)
+        sy, yy = _dot(s_vec, y_vec), _dot(y_vec, y_vec * P[sel])
         good = accepted & (sy > 1e-12 * _dot(s_vec, s_vec).sqrt() * yy.sqrt())
         slot = it % HISTORY
         rho[slot] = 0.0  # problems not advanced this iteration must not see a stale pair here
@@ -225,7 +268,7 @@ def _lbfgs(sub: _Subset, W: torch.Tensor, lam: torch.Tensor, tol: float, max_ite
         gamma[sel] = torch.where(good, sy / yy.clamp_min(1e-300), gamma[sel])
         W[sel], f[sel], g[sel] = W_new, f_new, g_new
         n_iter[sel] += 1
-        gmax[sel] = g_new.abs().amax((1, 2)).to(torch.float64)
+        gmax[sel] = criterion(g_new, sel)
         improved = gmax[sel] < best[sel] * (1 - 1e-3)
         best[sel] = torch.minimum(best[sel], gmax[sel])
         since_best[sel] = torch.where(improved, torch.zeros_like(since_best[sel]), since_best[sel] + 1)
@@ -241,30 +284,33 @@ def fit_path(
     tol: float,
     max_iter: int,
     device: torch.device,
+    basis: torch.Tensor | None = None,
     progress=None,
 ) -> tuple[Standardisation, list[PathFit]]:
     """Solve every problem at every C in increasing order, each C warm-started from the previous.
 
     Returns the problems' standardisations and one PathFit per C (in increasing order of C).
+    `basis` (from `principal_basis`) may be passed to reuse it across calls on the same x.
     `progress`, if given, is called with each finished C.
     """
     if any(c <= 0 for c in Cs):
         raise ValueError(f"every C must be positive, got {list(Cs)}")
-    batch = _Batch(x, problems, n_classes, device)
+    basis = principal_basis(x, device) if basis is None else basis
+    batch = _Batch(x, problems, n_classes, basis)
     sub = _Subset(batch)
     W = torch.zeros(len(problems), n_classes, x.shape[1] + 1, dtype=torch.float32, device=device)
     fits = []
     for C in sorted(set(float(c) for c in Cs)):
         lam = 1.0 / (C * batch.n)
-        W, f, gmax, n_iter = _lbfgs(sub, W, lam, tol, max_iter)
+        W, f, gmax, n_iter = _lbfgs(sub, W, lam, tol, max_iter, basis)
         fits.append(PathFit(
             C=C,
-            weight=W[:, :, :-1].cpu().numpy().copy(),
+            weight=(W[:, :, :-1] @ basis.T).cpu().numpy(),
             bias=W[:, :, -1].cpu().numpy().copy(),
             objective=f.cpu().numpy(),
             grad_max=gmax.cpu().numpy(),
             n_iter=n_iter.cpu().numpy(),
-            converged=(gmax <= tol).cpu().numpy(),
+            converged=(gmax <= tol).cpu().numpy(),  # gmax <= tol only where checked in the original basis
         ))
         if progress is not None:
             progress(C)

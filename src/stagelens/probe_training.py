@@ -141,7 +141,7 @@ def _probe(classes: np.ndarray, weight, bias, mean, scale) -> Probe:
 def _fit_torch(x, y, settings: ProbeSettings, seed: int, threads: int):
     import torch
 
-    from stagelens.logistic import Problem, fit_path, resolve_device
+    from stagelens.logistic import Problem, fit_path, principal_basis, resolve_device
 
     torch.set_num_threads(max(1, threads))
     device = resolve_device(settings.device)
@@ -149,7 +149,8 @@ def _fit_torch(x, y, settings: ProbeSettings, seed: int, threads: int):
     K = len(classes)
     splits = _folds(y, folds, seed)
     Cs = sorted(set(float(c) for c in settings.Cs))
-    solve = dict(n_classes=K, tol=settings.tol, max_iter=settings.max_iter, device=device)
+    solve = dict(n_classes=K, tol=settings.tol, max_iter=settings.max_iter, device=device,
+                 basis=principal_basis(x, device))
     std, path = fit_path(x, [Problem(train, encoded[train]) for train, _ in splits], Cs=Cs, **solve)
     cv: dict[float, dict[str, list]] = {}
     for fit in path:
@@ -223,7 +224,8 @@ def _fit_sklearn(x, y, settings: ProbeSettings, seed: int, threads: int):
 
 METHOD = {
     "torch": "StandardScaler + multinomial L2 logistic regression (scikit-learn's objective), "
-    "batched L-BFGS in torch (float32, float64 reductions), warm-started along C",
+    "batched L-BFGS in torch (float32, float64 reductions) in the features' principal basis with a "
+    "diagonal preconditioner, warm-started along C",
     "sklearn": "StandardScaler + multinomial LogisticRegression (scikit-learn, lbfgs, L2)",
 }
 INPUT_KEYS = ("model_id", "model_name", "revision", "architecture", "dtype", "layer", "num_layers",
