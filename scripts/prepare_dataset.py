@@ -1,8 +1,10 @@
 """Snakemake script of rule prepare_dataset: ImageFolder tree -> results/data/manifest.parquet."""
 
-import sys
+from stagelens.job import start
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (injected by Snakemake)
+start(snakemake)  # noqa: F821 (injected by Snakemake)
+
+import sys  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-TINY_RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
+from stagelens.builders import TINY_RECIPES
 
 # (width, height) of the synthetic images: square, wide and tall, so LLaVA-NeXT and Qwen2-VL
 # produce different image-token counts and prompts need padding within a batch.

@@ -8,7 +8,16 @@ import polars as pl
 import pytest
 
 from stagelens.aggregate import stages_table
-from stagelens.figures import accuracy_chart, answers_chart, depth_panel, drop_heatmap, save_chart
+from stagelens.figures import (
+    accuracy_chart,
+    answers_chart,
+    depth_panel,
+    depth_panel_chart,
+    drop_heatmap,
+    loss_chart,
+    model_charts,
+    save_chart,
+)
 
 PROMPTS = {"anchor": "anchor", "lex_picture": "lexical", "neg_plane": "negation", "fmt_10": "format",
            "ctl_suffix": "control"}
@@ -113,3 +122,16 @@ def test_depth_panel_has_one_row_per_model_with_stage_bands(tmp_path):
     band_rows = [r for d in spec["datasets"].values() for r in d if "stage" in r]
     assert {r["stage"] for r in band_rows} == {"visual_grounding", "semantic_reasoning"}
     assert all(0.0 <= r["x0"] < r["x1"] <= 1.0 for r in band_rows)
+
+
+def test_job_functions_name_their_charts():
+    charts = model_charts(_metrics("m", 4), _behaviour(), "m", 0.05, 0.05)
+    assert list(charts) == ["accuracy", "drop_heatmap", "answers"]
+    assert "m @ main:" in json.dumps(charts["accuracy"].to_dict()["title"])
+    metrics = [_metrics("a", 4), _metrics("b", 8).filter(pl.col("position") == "image_mean")]
+    stages = [stages_table(m, n, 0.05, 0.05) for m, n in zip(metrics, (4, 8))]
+    spec = depth_panel_chart(metrics, stages).to_dict()
+    assert len(spec["vconcat"]) == 1  # "last" where probed: model b has only image_mean
+    curve = loss_chart([3.0, 2.0, 1.5], "loss").to_dict()
+    values = next(iter(curve["datasets"].values()))
+    assert [v["loss"] for v in values] == [3.0, 2.0, 1.5] and [v["step"] for v in values] == [1, 2, 3]

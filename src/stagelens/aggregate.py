@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import os
+from typing import Iterable, Mapping, Sequence
 
 import polars as pl
 
+from stagelens.adapters.base import ANSWER_WORDS
+from stagelens.atomic import atomic_path
 from stagelens.stages import detect_stages, layer_reactions
 
-ANSWER_CLASSES = ("yes", "no", "1", "0")
+# The answers a prompt can expect: ANSWER_WORDS case-folded ("Yes" counts as "yes"), in order.
+ANSWER_CLASSES = tuple(dict.fromkeys(word.lower() for word in ANSWER_WORDS))
+# The answers-file probability columns of each class, e.g. yes -> (p_yes, p_Yes).
+_PROBABILITY_COLUMNS = {c: tuple(f"p_{w}" for w in ANSWER_WORDS if w.lower() == c) for c in ANSWER_CLASSES}
 KEYS = ("model", "position", "layer", "prompt")
 # Identifying columns first, metrics after, in the order a reader scans a row.
 LEADING = ("model", "model_id", "revision", "position", "layer", "num_layers", "depth", "prompt", "family", "expected")
@@ -48,7 +54,7 @@ def behaviour_row(
     for word in ANSWER_CLASSES:
         row[f"share_{word}"] = float((folded == word).mean()) if n else None
     row["agreement"] = float((folded == prompt["expected"].lower()).mean()) if n else None
-    for word, columns in (("yes", ("p_yes", "p_Yes")), ("no", ("p_no", "p_No")), ("1", ("p_1",)), ("0", ("p_0",))):
+    for word, columns in _PROBABILITY_COLUMNS.items():
         present = [c for c in columns if c in answers.columns]
         row[f"mean_p_{word}"] = float(answers.select(pl.sum_horizontal(present)).to_series().mean()) if present and n else None
     if anchor_answers is not None:
@@ -76,3 +82,41 @@ def stages_table(metrics: pl.DataFrame, num_layers: int, min_drop: float, alpha:
         )
     return pl.concat(frames).select("model", "position", pl.exclude("model", "position"))
 
+
+
+def model_tables(
+    metric_rows: Iterable[pl.DataFrame],
+    answers: Mapping[str, pl.DataFrame],
+    prompts: Sequence[Mapping[str, str]],
+    anchor_id: str,
+    model_name: str,
+    min_drop: float,
+    alpha: float,
+) -> dict[str, pl.DataFrame]:
+    """The aggregate job: one model's metrics, behaviour and stages tables.
+
+    metric_rows: the evaluate jobs' tables; answers: each prompt's test-split answers by prompt
+    id; prompts: the row order of the behaviour table; the anchor is found by its id.
+    """
+    rows = list(metric_rows)
+    found = {int(n) for frame in rows for n in frame["num_layers"].unique()}
+    if len(found) != 1:
+        raise ValueError(f"metrics files of model {model_name!r} disagree on num_layers: {sorted(found)}")
+    num_layers = found.pop()
+    metrics = metrics_table(rows, num_layers)
+    missing = sorted({p["id"] for p in prompts} - set(answers))
+    if missing or anchor_id not in answers:
+        raise ValueError(f"no answers for prompts {missing or [anchor_id]} of model {model_name!r}")
+    behaviour = pl.DataFrame([behaviour_row(answers[p["id"]], p, answers[anchor_id]) for p in prompts])
+    behaviour = behaviour.with_columns(pl.lit(model_name).alias("model")).select("model", pl.exclude("model"))
+    return {
+        "metrics": metrics,
+        "behaviour": behaviour,
+        "stages": stages_table(metrics, num_layers, float(min_drop), float(alpha)),
+    }
+
+
+def write_table(table: pl.DataFrame, path: str | os.PathLike) -> None:
+    """A Parquet table (zstd), written whole or not at all."""
+    with atomic_path(path) as tmp:
+        table.write_parquet(tmp, compression="zstd")

@@ -20,7 +20,6 @@ from jsonschema.exceptions import ValidationError
 
 from stagelens.spec import vector_dtype_problem
 
-TINY_RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
 # Families the stage rule reads (stagelens.stages) plus the anchor's; others must be declared
 # under prompts.families, so a misspelt family cannot drop a variant out of stage detection.
 BUILTIN_FAMILIES = ("anchor", "lexical", "negation", "format", "control")

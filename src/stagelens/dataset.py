@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from stagelens.atomic import atomic_path
 from stagelens.images import image_error
+from stagelens.store import METADATA_KEY
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
-METADATA_KEY = b"stagelens"
 SPLITS = ("train", "test")
 
 MANIFEST_SCHEMA = pa.schema(

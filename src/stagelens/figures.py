@@ -219,8 +219,37 @@ def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> a
     )
 
 
+def model_charts(metrics: pl.DataFrame, behaviour: pl.DataFrame, model: str, alpha: float, min_drop: float) -> dict[str, alt.TopLevelMixin]:
+    """The figures job: one model's charts by figure name (accuracy, drop_heatmap, answers)."""
+    revision = metrics["revision"][0]
+    return {
+        "accuracy": accuracy_chart(metrics, f"{model} @ {revision}: class-probe accuracy by layer"),
+        "drop_heatmap": drop_heatmap(metrics, f"{model} @ {revision}: accuracy drop against the anchor", alpha, min_drop),
+        "answers": answers_chart(behaviour, f"{model} @ {revision}: the model's own answers"),
+    }
+
+
+def depth_panel_chart(metrics: Sequence[pl.DataFrame], stages: Sequence[pl.DataFrame]) -> alt.VConcatChart:
+    """The depth_panel job: every model's drop on normalised depth, at the `last` position if probed."""
+    metrics_all = pl.concat(list(metrics), how="diagonal_relaxed")
+    stages_all = pl.concat(list(stages), how="diagonal_relaxed")
+    positions = metrics_all["position"].unique().to_list()
+    return depth_panel(metrics_all, stages_all, "last" if "last" in positions else sorted(positions)[0])
+
+
+def loss_chart(losses: Sequence[float], title: str) -> alt.Chart:
+    """A training loss curve by step (the embedded model's projector training)."""
+    curve = pl.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": list(losses)})
+    return (
+        alt.Chart(curve.to_pandas())
+        .mark_line()
+        .encode(x=alt.X("step:Q", title="training step"), y=alt.Y("loss:Q", title="answer-token cross-entropy"))
+        .properties(title=title, width=420, height=240)
+    )
+
+
 def save_chart(chart: alt.TopLevelMixin, stem: str | os.PathLike, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Write `<stem>.png`, `.svg` and `.vl.json` atomically (tmp + os.replace)."""
+    """Write `<stem>.<format>` for each of `formats` (default png, svg, vl.json), each atomically."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []

@@ -21,12 +21,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stagelens.spec import VECTOR_DTYPES
+
 METADATA_KEY = b"stagelens"
 COMPRESSION = "zstd"
 # Batches are buffered up to this many bytes per file and written as one row group: few,
 # reasonably sized row groups, with memory bounded independently of the number of rows.
 ROW_GROUP_BYTES = 4 << 20
-_VECTOR_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+_VECTOR_DTYPES = {name: pa.type_for_alias(name) for name in VECTOR_DTYPES}
 
 
 def embedding_schema(

@@ -1,22 +1,17 @@
-"""Config validation, wildcard constraints, path helpers, resources and the target lists."""
+"""Config validation, wildcard constraints, path helpers and the target lists."""
 
-import math
+import math  # train_probe's runtime estimate (probe.smk)
 import os
 import re
-import sys
 
 from snakemake.exceptions import WorkflowError
 
-# stagelens comes from this checkout whether or not it is pip-installed: here, and through
-# PYTHONPATH in every job's script (also inside --sdm conda environments and on cluster nodes).
-_STAGELENS_SRC = os.path.join(workflow.basedir, "src")
-sys.path.insert(0, _STAGELENS_SRC)
-os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_STAGELENS_SRC, os.environ.get("PYTHONPATH")) if p))
 # The software of every rule, for `--sdm conda` (make's .venv is the tested route).
 STAGELENS_ENV = "../../envs/stagelens.yaml"
 
+from stagelens import resources as estimate
+from stagelens.builders import EMBEDDED_RECIPE, TINY_RECIPES
 from stagelens.config import (
-    TINY_RECIPES,
     ConfigError,
     all_prompts,
     enabled_models,
@@ -35,6 +30,7 @@ RESULTS = config["results"]
 MODELS = enabled_models(config)
 PROMPTS = {prompt["id"]: prompt for prompt in all_prompts(config)}
 ANCHOR = config["prompts"]["anchor"]["id"]
+# stagelens.figures.FORMATS (not imported: altair would cost seconds per parse; a test holds them equal)
 FIGURE_FORMATS = ("png", "svg", "vl.json")
 MODEL_FIGURES = ("accuracy", "drop_heatmap", "answers")
 
@@ -142,79 +138,17 @@ def dataset_inputs(wildcards):
     return inputs
 
 
-# --- resources (estimates; override per rule with --set-resources, e.g. in a profile) ----------
+# --- resources (estimates in stagelens.resources; override per rule with --set-resources) -----
 
 
 def n_classes():
-    """Classes in the dataset: the class list's rows, else the root's sub-folders (0 if unreadable)."""
-    class_list = config["dataset"]["class_list"]
-    try:
-        if class_list:
-            with open(class_list, encoding="utf-8") as fh:
-                return max(sum(1 for line in fh if line.strip()) - 1, 0)
-        root = config["dataset"]["root"]
-        return sum(1 for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    except OSError:
-        return 0
-
-
-def prepare_dataset_runtime():
-    """Minutes to scan and verify the images: generous per class (paper: 120 classes x 80 images)."""
-    return 10 + math.ceil(n_classes() / 20)
-
-
-def build_model_resources():
-    """A tiny model is built in seconds in well under a GB."""
-    return {"mem_mb": 2048, "runtime": 15}
-
-
-def weights_mb(model):
-    """Rough in-memory size of a model's weights in MB at its configured dtype."""
-    cfg = MODELS[model]
-    bytes_per_param = 4 if cfg["dtype"] == "float32" else 2
-    if cfg.get("recipe") in TINY_RECIPES:
-        return 50
-    if cfg.get("recipe") == "embedded":
-        return 200 * bytes_per_param  # ~150M parameters (SmolLM2-135M + EfficientNet-Lite0)
-    path = cfg["path"]
-    if os.path.isdir(path):
-        size = sum(
-            os.path.getsize(os.path.join(path, f))
-            for f in os.listdir(path)
-            if f.endswith((".safetensors", ".bin"))
-        )
-        # Checkpoints are usually stored in 16 bits; float32 loading doubles them.
-        return int(size / 2**20 * (2 if bytes_per_param == 4 else 1))
-    # Hub ids usually carry the parameter count ("llava-1.5-7b-hf", "Qwen2-VL-7B-Instruct").
-    match = re.search(r"(\d+(?:\.\d+)?)[bB](?![a-zA-Z])", path)
-    billions = float(match.group(1)) if match else 8.0
-    return int(billions * 1000 * bytes_per_param)
-
-
-def uses_gpu(model):
-    return MODELS[model]["device"] != "cpu"
-
-
-def extract_threads(model):
-    return 2 if uses_gpu(model) else 4
-
-
-def extract_mem_mb(model):
-    """Weights (loaded through host memory even for GPU runs) + batch activations + runtime."""
-    return 2048 + int(1.2 * weights_mb(model)) + 256 * MODELS[model]["batch_size"]
+    return estimate.n_classes(config["dataset"])
 
 
 def extract_runtime(model, split):
-    """Minutes for one extraction job: images x a per-image cost that scales with model size."""
-    per_class = config["dataset"][f"{split}_per_class"]
-    images = max(n_classes(), 1) * per_class
-    seconds_per_gb = 0.03 if uses_gpu(model) else 0.6
-    seconds = images * (0.05 + seconds_per_gb * weights_mb(model) / 1000)
-    return 10 + math.ceil(seconds / 60)
-
-
-def extract_gpu(model):
-    return 1 if uses_gpu(model) else 0
+    """Minutes for one extraction job over the split's images."""
+    images = max(n_classes(), 1) * config["dataset"][f"{split}_per_class"]
+    return estimate.extract_runtime(MODELS[model], images)
 
 
 # --- targets --------------------------------------------------------------------------------
@@ -252,4 +186,4 @@ def all_targets():
 
 def embedded_models():
     """Models built by the embedded recipe (rules in embedded.smk)."""
-    return [name for name, m in MODELS.items() if m.get("recipe") == "embedded"]
+    return [name for name, m in MODELS.items() if m.get("recipe") == EMBEDDED_RECIPE]

@@ -14,7 +14,7 @@ rule prepare_dataset:
     threads: 1
     resources:
         mem_mb=1024,
-        runtime=prepare_dataset_runtime(),
+        runtime=estimate.prepare_dataset_runtime(n_classes()),
     conda:
         STAGELENS_ENV
     script:

@@ -83,4 +83,4 @@ rule build_embedded_model:
     conda:
         STAGELENS_ENV
     script:
-        "../../scripts/build_embedded.py"
+        "../../scripts/build_embedded_model.py"

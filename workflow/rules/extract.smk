@@ -21,12 +21,12 @@ for _model in MODELS:
             log_path(f"extract_{_model}", "{split}", "{prompt}"),
         benchmark:
             benchmark_path(f"extract_{_model}", "{split}", "{prompt}")
-        threads: extract_threads(_model)
+        threads: estimate.extract_threads(MODELS[_model])
         resources:
             # A retry (profiles: retries) gets twice the memory and time.
-            mem_mb=lambda wildcards, attempt, m=_model: extract_mem_mb(m) * attempt,
+            mem_mb=lambda wildcards, attempt, m=_model: estimate.extract_mem_mb(MODELS[m]) * attempt,
             runtime=lambda wildcards, attempt, m=_model: extract_runtime(m, wildcards.split) * attempt,
-            gpu=extract_gpu(_model),
+            gpu=estimate.extract_gpu(MODELS[_model]),
         conda:
             STAGELENS_ENV
         script:

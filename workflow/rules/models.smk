@@ -18,8 +18,8 @@ rule build_model:
         benchmark_path("build_model", "{model}")
     threads: 1
     resources:
-        mem_mb=build_model_resources()["mem_mb"],
-        runtime=build_model_resources()["runtime"],
+        mem_mb=estimate.BUILD_MODEL["mem_mb"],
+        runtime=estimate.BUILD_MODEL["runtime"],
     conda:
         STAGELENS_ENV
     script:

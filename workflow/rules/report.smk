@@ -17,6 +17,7 @@ rule aggregate:
     params:
         model_name=lambda wildcards: wildcards.model,
         prompts=list(PROMPTS.values()),
+        anchor=ANCHOR,
         stages=config["stages"],
     log:
         log_path("aggregate", "{model}"),
@@ -110,4 +111,4 @@ rule depth_panel:
     conda:
         STAGELENS_ENV
     script:
-        "../../scripts/figures.py"
+        "../../scripts/depth_panel.py"

@@ -14,7 +14,6 @@ template. Checkpoint directory (model_type "stagelens-embedded"):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -142,16 +141,15 @@ class EmbeddedMLLM(nn.Module):
         return self.merge(input_ids, self.image_embeddings(self.vision(pixels)))
 
     def save_pretrained(self, out_dir: Path) -> None:
-        """Write the checkpoint directory (layout in the module docstring)."""
+        """Write the checkpoint directory (layout in the module docstring); the build job writes it
+        under `atomic_path`, so a failed write leaves no half checkpoint."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.lm.save_pretrained(out_dir / LM_DIR, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
         save_file(_contiguous(self.vision.net.state_dict()), out_dir / VISION_FILE)
         save_file(_contiguous(self.projector.state_dict()), out_dir / PROJECTOR_FILE)
-        tmp = out_dir / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self.config), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out_dir / CONFIG_FILE)
+        (out_dir / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, path: Path, dtype: torch.dtype = torch.float32) -> "EmbeddedMLLM":

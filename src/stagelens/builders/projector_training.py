@@ -12,6 +12,8 @@ Vision features are computed once, up front.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -21,7 +23,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from stagelens.adapters.efficientnet_vision import pretrained_state_dict
 from stagelens.adapters.embedded import EmbeddedMLLM
+from stagelens.atomic import atomic_path
+from stagelens.builders.embedded import assemble
 
 # Instructions the caption follows; none of them is one of the probing prompts of config.yaml.
 CAPTION_INSTRUCTIONS = (
@@ -174,3 +179,45 @@ def train_projector(
         "unrelated_objects": list(UNRELATED_OBJECTS),
         "caption_example": caption_text(class_names[0]),
     }
+
+
+def training_split(manifest_path: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:
+    """(image paths, labels, class names indexed by label) of the manifest's train split, by sample id."""
+    import polars as pl
+
+    manifest = pl.read_parquet(manifest_path).filter(pl.col("split") == "train").sort("sample_id")
+    if manifest.height == 0:
+        raise ValueError(f"{manifest_path}: no rows with split == 'train'")
+    classes = manifest.select("label", "class_name").unique().sort("label")
+    class_names = dict(zip(classes["label"].to_list(), classes["class_name"].to_list()))
+    names = [class_names.get(i, "") for i in range(max(class_names) + 1)]
+    return manifest["path"].to_list(), manifest["label"].to_numpy(), names
+
+
+def train_from_manifest(
+    lm_dir: str | os.PathLike, manifest_path: str | os.PathLike, settings: TrainSettings
+) -> tuple[EmbeddedMLLM, dict[str, object]]:
+    """The train_projector job: a fresh embedded model around the exported LM, its projector
+    trained on the manifest's train split; returns the model and the training history."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths, labels, names = training_split(manifest_path)
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    model = assemble(lm, AutoTokenizer.from_pretrained(lm_dir), pretrained_state_dict(), seed=settings.seed)
+    features = vision_features(model, [Image.open(path).convert("RGB") for path in paths])
+    history = train_projector(model, features, names, labels, settings)
+    history["manifest"] = str(manifest_path)
+    history["class_names"] = names
+    return model, history
+
+
+def save_projector(model: EmbeddedMLLM, history: dict[str, object], projector_path: str | os.PathLike,
+                   training_path: str | os.PathLike) -> None:
+    """The projector weights (safetensors) and the training history (JSON), each written atomically."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().contiguous() for name, tensor in model.projector.state_dict().items()}
+    with atomic_path(projector_path) as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(training_path) as tmp:
+        tmp.write_text(json.dumps(history, indent=2) + "\n")

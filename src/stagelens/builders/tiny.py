@@ -16,7 +16,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
+from stagelens.atomic import atomic_path
+from stagelens.builders import TINY_RECIPES
 
 # Words the prompts and the chat templates use, so they become few BPE tokens.
 _CORPUS = [
@@ -103,7 +104,7 @@ def make_processor(recipe: str, tokenizer):
             min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, patch_size=14, merge_size=2, temporal_patch_size=2
         )
         return Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=chat_template(recipe))
-    raise ValueError(f"unknown tiny recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    raise ValueError(f"unknown tiny recipe {recipe!r}; known: {', '.join(TINY_RECIPES)}")
 
 
 def _llama_text_config(vocab_size: int, hidden_size: int, num_layers: int, pad_id: int, bos_id: int, eos_id: int):
@@ -263,7 +264,7 @@ def build(recipe: str, out_dir: str | os.PathLike, seed: int = 0, hidden_size: i
     benchmark uses a wider variant so the forward pass, not Python overhead, dominates.
     """
     if recipe not in _BUILDERS:
-        raise ValueError(f"unknown tiny recipe {recipe!r}; known: {', '.join(RECIPES)}")
+        raise ValueError(f"unknown tiny recipe {recipe!r}; known: {', '.join(TINY_RECIPES)}")
     if hidden_size % 8:
         raise ValueError(f"hidden_size must be a multiple of 8 (4 heads, even head dim), got {hidden_size}")
     out = Path(out_dir)
@@ -274,19 +275,7 @@ def build(recipe: str, out_dir: str | os.PathLike, seed: int = 0, hidden_size: i
 
 
 def build_atomic(recipe: str, out_dir: str | os.PathLike, seed: int = 0, **sizes: int) -> Path:
-    """`build` into a temporary sibling directory, then rename it onto out_dir."""
-    import shutil
-    import tempfile
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    """`build`, written whole or not at all (`atomic_path`): the build_model job."""
+    with atomic_path(out_dir) as tmp:
         build(recipe, tmp, seed, **sizes)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
