@@ -44,3 +44,11 @@ def test_workflow_figure_formats_are_the_libraries():
     common = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "common.smk").read_text()
     literal = re.search(r"^FIGURE_FORMATS = (.+)$", common, flags=re.M).group(1)
     assert ast.literal_eval(literal) == FORMATS
+
+
+def test_builtin_families_are_the_stage_rules_and_the_figures():
+    from stagelens.config import BUILTIN_FAMILIES
+    from stagelens.figures import FAMILY_COLORS
+    from stagelens.stages import CONTROL_FAMILY, FAMILIES
+
+    assert set(BUILTIN_FAMILIES) == {"anchor", *FAMILIES, CONTROL_FAMILY} == set(FAMILY_COLORS)
