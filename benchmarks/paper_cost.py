@@ -5,12 +5,13 @@ Estimates, printed (never asserted):
   per model (train split x anchor + test split x every prompt), the GPU time at an effective
   throughput (default 250 TFLOP/s bf16: ~25% of an H100's dense peak);
 - embedding disk: (L + 1) layers x positions x width x bytes per image pass;
-- probe training: one job per layer fits (folds x Cs + 1) models per position, for the real and
-  the shuffled-label probe; with --measure-fit, a few lbfgs iterations of multinomial logistic
-  regression are timed on synthetic data of the paper's size (6,000 x 4,096, 120 classes) and
-  multiplied by plausible iteration counts.
+- probe training: one job per layer fits, per position, the CV grid (folds x Cs), the refit and
+  the shuffled-label control; with --measure-fit, one position is fitted with the torch solver
+  (probe.solver: torch) on synthetic hidden states of the paper's size (6,000 x 4,096, 120
+  classes; benchmarks/bench_probe.py) on --device, and multiplied by positions and jobs.
+  bench_probe.py compares the solvers.
 
-Run: .venv/bin/python benchmarks/paper_cost.py [--tflops 250] [--measure-fit]
+Run: .venv/bin/python benchmarks/paper_cost.py [--tflops 250] [--measure-fit [--device cuda]]
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import time
-import warnings
 from pathlib import Path
 
 import yaml
@@ -80,60 +80,61 @@ def gpu_and_disk(cfg: dict, tflops: float, all_models: bool) -> None:
     print(f"(effective throughput {tflops:.0f} TFLOP/s; model loading, image decoding and padding not included)")
 
 
-def probe_plan(cfg: dict) -> tuple[int, int, int]:
-    """(fits per probe job, samples, classes) of the paper config."""
+def probe_plan(cfg: dict) -> tuple[int, int, int, int]:
+    """(positions, fits per probe job, samples, classes) of the paper config."""
     probe = cfg.get("probe", {})
     folds, cs = probe.get("cv_folds", 5), len(probe.get("Cs", [0.001, 0.01, 0.1, 1.0, 10.0]))
     positions = len(next(iter(cfg["models"].values())).get("positions", ["last", "image_mean"]))
-    fits = positions * 2 * (folds * cs + 1)  # real + shuffled-label control, CV grid + refit
+    fits = positions * (folds * cs + 2)  # CV grid, refit, shuffled-label control
     train, _, _ = passes_per_model(cfg)
-    return fits, train, n_classes(cfg)
+    return positions, fits, train, n_classes(cfg)
 
 
-def measure_fit(n: int, width: int, classes: int, C: float, max_iter: int) -> tuple[float, int]:
-    """Seconds and iterations of one standardised multinomial logistic-regression fit."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+def measure_fit(classes: int, per_class: int, width: int, device: str, threads: int) -> tuple[float, int, bool]:
+    """Seconds, solver iterations and convergence of one position of a probe job (CV grid,
+    refit, control) with the torch solver on synthetic hidden states of the given size."""
+    import sys
 
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(classes), n // classes)
-    centres = rng.normal(size=(classes, width)).astype(np.float32) * 0.3
-    x = StandardScaler().fit_transform(centres[y] + rng.normal(size=(len(y), width)).astype(np.float32))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_probe import hidden_states
+
+    from stagelens.probe_training import ProbeSettings, fit_probe_and_control
+
+    x, y = hidden_states(classes, width, {"train": per_class}, seed=0)["train"]
+    settings = ProbeSettings(Cs=[0.001, 0.01, 0.1, 1.0, 10.0], cv_folds=5, max_iter=1000, tol=1e-4,
+                             solver="torch", device=device)
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # stopping at max_iter is the point here
-        lr = LogisticRegression(C=C, max_iter=max_iter, tol=1e-12).fit(x, y)
-    return time.perf_counter() - start, int(np.max(lr.n_iter_))
+    _, real, _, control = fit_probe_and_control(x, y, settings, seed=0, threads=threads)
+    seconds = time.perf_counter() - start
+    iters = real.n_iter + control.n_iter + sum(sum(f["n_iter"]) for f in real.cv_fits.values())
+    return seconds, iters, real.converged and control.converged
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tflops", type=float, default=250.0, help="effective bf16 TFLOP/s of the GPU")
     parser.add_argument("--all-models", action="store_true", help="include models with enabled: false")
-    parser.add_argument("--measure-fit", action="store_true", help="time one probe fit (reduced width)")
-    parser.add_argument("--fit-iters", type=int, default=5, help="lbfgs iterations of the timed fit")
+    parser.add_argument("--measure-fit", action="store_true",
+                        help="time one paper-size position of a probe job with the torch solver")
+    parser.add_argument("--device", default="cpu", help="device of the timed probe fit (cpu, cuda)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the timed probe fit")
     args = parser.parse_args()
     cfg = load_paper()
     gpu_and_disk(cfg, args.tflops, args.all_models)
 
-    fits, n, classes = probe_plan(cfg)
+    positions, fits, n, classes = probe_plan(cfg)
     layers = sum(len(m.get("layers") or range(m["num_layers"] + 1))
                  for m in cfg["models"].values() if m.get("enabled", True) or args.all_models)
     print(f"\nprobe jobs: {layers} (one per model x layer), {fits} logistic-regression fits each "
           f"({n} samples, {classes} classes)")
     if args.measure_fit:
-        # Synthetic data converge in a few iterations, real features in hundreds (up to max_iter):
-        # time a few iterations at the paper's size and multiply by plausible iteration counts.
-        seconds, iters = measure_fit(n, 4096, classes, C=100.0, max_iter=args.fit_iters)
-        per_iter = seconds / iters
-        print(f"  {iters} lbfgs iterations at width 4096 in {seconds:.1f} s: {per_iter:.2f} s each (this machine, 1 job)")
-        flop_bound = 4 * n * 4096 * classes / 50e9  # forward + gradient matmuls at 50 GFLOP/s per core
-        print(f"  (matmul floor: {flop_bound:.2f} s per iteration at 50 GFLOP/s per core; a loaded machine is slower)")
-        for iterations in (100, 300, cfg.get("probe", {}).get("max_iter", 1000)):
-            per_job = fits * iterations * per_iter
-            print(f"  at {iterations:>4} iterations per fit: ~{per_job / 3600:.1f} core-h per probe job, "
-                  f"~{layers * per_job / 3600:.0f} core-h for all {layers} jobs")
+        seconds, iters, converged = measure_fit(classes, n // classes, 4096, args.device, args.threads)
+        per_job = positions * seconds
+        print(f"  torch solver, one position at width 4096 on {args.device} ({args.threads} threads): "
+              f"{seconds:.1f} s, {iters} L-BFGS iterations, all converged: {converged}")
+        print(f"  ~{per_job:.0f} s per probe job ({positions} positions), "
+              f"~{layers * per_job / 3600:.1f} h for all {layers} jobs on this device")
+
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stagelens.logistic import Problem, fit_path, resolve_device, standardisation
+from stagelens.logistic import Problem, fit_path, standardisation
 from stagelens.probe_training import ProbeSettings, fit_probe_and_control
 
 CPU = torch.device("cpu")
@@ -182,8 +182,10 @@ def test_unconverged_fits_are_flagged_per_fold_and_C():
 def test_device_must_exist():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert resolve_device("auto") == CPU
-    with pytest.raises(RuntimeError, match="no CUDA"):
-        resolve_device("cuda:0")
+    x, y = correlated(3, 10, 4, seed=8)
+    probe, report, _, _ = fit_probe_and_control(x, y, settings("torch", device="auto"), seed=0)
+    assert report.device == "cpu"
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        fit_probe_and_control(x, y, settings("torch", device="cuda:0"), seed=0)
     with pytest.raises(ValueError, match="probe.solver"):
         settings("lbfgs")

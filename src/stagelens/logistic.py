@@ -60,16 +60,6 @@ class Standardisation:
     scale: np.ndarray  # (S, D) float32
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> the first CUDA device when torch sees one, else the CPU; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"probe.device is {device!r} but torch sees no CUDA device")
-    return resolved
-
-
 def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and scale of the columns of x, in float64, as scikit-learn's StandardScaler computes them.
 

@@ -141,10 +141,11 @@ def _probe(classes: np.ndarray, weight, bias, mean, scale) -> Probe:
 def _fit_torch(x, y, settings: ProbeSettings, seed: int, threads: int):
     import torch
 
-    from stagelens.logistic import Problem, fit_path, principal_basis, resolve_device
+    from stagelens.logistic import Problem, fit_path, principal_basis
+    from stagelens.spec import resolve_device
 
     torch.set_num_threads(max(1, threads))
-    device = resolve_device(settings.device)
+    device = torch.device(resolve_device(settings.device))
     classes, encoded, folds = _check_labels(x, y, settings.cv_folds)
     K = len(classes)
     splits = _folds(y, folds, seed)

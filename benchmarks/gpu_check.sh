@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One prepared check for a CUDA machine (about 5-8 minutes on one H100/H200); prints, never asserts:
+#   1. the probe benchmark at the paper's size with the torch solver on the GPU (goal <= 30 s per
+#      job), scikit-learn sampled on the CPU beside it (benchmarks/bench_probe.py);
+#   2. the tiny models of the three architectures with device cuda + bfloat16 against the CPU in
+#      float32: relative error of the kept hidden states and agreement of the answer;
+#   3. extraction throughput on the GPU (bfloat16) of a widened tiny LLaVA through the extract
+#      rule's code path: images/s and the share of the GPU's bf16 FLOP limit it reaches
+#      (PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16).
+# Run from the repository root after `make setup` with a CUDA torch:  bash benchmarks/gpu_check.sh
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=1
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+echo "== 1. probe benchmark, paper size, torch on cuda (sklearn sampled, 20 iterations a fit)"
+timeout 300 "$PY" benchmarks/bench_probe.py --sizes paper --device cuda --threads 2 --sklearn sample \
+    --sklearn-max-iter 20 | tail -n 8
+
+echo "== 2. tiny models: cuda + bfloat16 vs cpu + float32"
+timeout 150 "$PY" - <<'EOF'
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stagelens.adapters import load_adapter
+from stagelens.builders.tiny import build
+from stagelens.spec import ModelSpec
+
+rng = np.random.default_rng(0)
+images = [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for w, h in ((48, 48), (96, 32), (40, 80))]
+question = "Does this image show an animal? The answer must be always yes or no."
+with tempfile.TemporaryDirectory() as tmp:
+    for recipe in ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"):
+        path = build(recipe, Path(tmp) / recipe, seed=0)
+        out = {}
+        for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16")):
+            adapter = load_adapter(ModelSpec(recipe, str(path), dtype=dtype, device=device))
+            layers = list(range(adapter.info.num_layers + 1))
+            out[device] = [adapter.forward([im], question, layers, ["last", "image_mean"]) for im in images]
+        worst = max(
+            float(np.linalg.norm(np.asarray(g.vectors[p], np.float32) - np.asarray(c.vectors[p], np.float32))
+                  / np.linalg.norm(np.asarray(c.vectors[p], np.float32)))
+            for c, g in zip(out["cpu"], out["cuda"]) for p in ("last", "image_mean"))
+        same = all(np.argmax(c.answer_probs) == np.argmax(g.answer_probs) for c, g in zip(out["cpu"], out["cuda"]))
+        print(f"{recipe:<16} max relative error of kept states {worst:.4f} (bf16: ~1e-2 expected); "
+              f"same answer on every image: {same}")
+EOF
+
+echo "== 3. extraction throughput on cuda, bfloat16"
+timeout 150 "$PY" - <<'EOF'
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stagelens.adapters import load_adapter
+from stagelens.builders.tiny import build
+from stagelens.extract import Sample, extract
+from stagelens.spec import ModelSpec
+
+peak = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12
+prompt = {"id": "anchor", "family": "anchor", "text": "Does this image show an animal? The answer must be always yes or no."}
+rng = np.random.default_rng(0)
+with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    model = build("tiny-llava", tmp / "model", seed=0, hidden_size=2048, num_layers=16)
+    rows = []
+    for i in range(256):
+        path = tmp / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, size=(336, 336, 3), dtype=np.uint8)).save(path)
+        rows.append(Sample(f"c/img{i}", 0, str(path)))
+    spec = ModelSpec("bench", str(model), dtype="bfloat16", device="cuda", batch_size=32)
+    adapter = load_adapter(spec)
+    params = sum(p.numel() for p in adapter.model.parameters())
+    tokens = adapter.model_kwargs(adapter.build_inputs([Image.open(rows[0].path)], prompt["text"]))["input_ids"].shape[1]
+    layers = spec.layers_of(adapter.info.num_layers)
+    for name, batch in (("warm-up", rows[:32]), ("timed", rows)):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        extract(adapter, spec, batch, prompt, [tmp / name / f"layer{l}.parquet" for l in layers],
+                tmp / name / "answers.parquet", split="test", progress=False)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    rate = len(rows) / seconds
+    flops = 2 * params * tokens * rate
+    print(f"{params / 1e9:.2f} B parameters, {tokens} tokens per image: {rate:.1f} images/s, "
+          f"{flops / 1e12:.1f} TFLOP/s = {flops / peak:.1%} of {peak / 1e12:.0f} TFLOP/s")
+EOF
