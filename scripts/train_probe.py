@@ -1,11 +1,11 @@
-"""Snakemake job: fit the anchor-prompt probe and its shuffled-label control for one model x layer."""
+"""Snakemake job train_probe: the anchor-prompt probe and its shuffled-label control for one model x layer."""
 
-import sys
+from stagelens.job import start
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected by the script directive)
+smk = start(snakemake)  # noqa: F821 (injected by Snakemake)
 
-from stagelens.probe_training import train_layer_probes
+from stagelens.probe_training import train_layer_probes  # noqa: E402
 
-fitted = train_layer_probes(snakemake.input.embeddings, dict(snakemake.params.probe),  # noqa: F821
-                            seed=int(snakemake.params.seed), threads=snakemake.threads)  # noqa: F821
-fitted.save(snakemake.output.probe, snakemake.output.control)  # noqa: F821
+fitted = train_layer_probes(smk.input.embeddings, dict(smk.params.probe), seed=int(smk.params.seed),
+                            threads=smk.threads)
+fitted.save(smk.output.probe, smk.output.control)

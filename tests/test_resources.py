@@ -48,3 +48,18 @@ def test_classes_from_the_list_or_the_folders(tmp_path):
     assert resources.n_classes({"root": str(tmp_path / "root"), "class_list": str(tmp_path / "classes.tsv")}) == 3
     assert resources.n_classes({"root": str(tmp_path / "missing"), "class_list": None}) == 0
     assert resources.prepare_dataset_runtime(120) == 16
+
+
+def test_probe_jobs_ask_for_a_gpu_only_when_the_torch_solver_uses_one():
+    base = {"solver": "torch", "device": "cpu", "cv_folds": 5, "Cs": [0.1, 1.0]}
+    assert not resources.probe_uses_gpu(base) and resources.probe_threads(base) == 1
+    for device in ("cuda", "cuda:1", "auto"):
+        assert resources.probe_uses_gpu({**base, "device": device})
+        assert resources.probe_threads({**base, "device": device}) == 2
+    assert not resources.probe_uses_gpu({**base, "solver": "sklearn", "device": "cuda"})
+    # The paper's size (120 classes x 50, width 4,096) fits in the memory asked for: 8 copies of
+    # 6,000 x 4,096 float32 (750 MiB) and the basis; and it grows with the rows.
+    paper = resources.probe_mem_mb(base, 120, 50)
+    assert 2048 + 8 * 6000 * 4096 * 4 / 2**20 < paper < 8192
+    assert resources.probe_mem_mb(base, 120, 100) > paper
+    assert resources.probe_runtime(base, 120, 50, 2) > resources.probe_runtime(base, 10, 50, 2)

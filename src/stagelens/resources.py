@@ -80,3 +80,27 @@ def extract_runtime(model: Mapping[str, Any], images: int) -> int:
 
 def extract_gpu(model: Mapping[str, Any]) -> int:
     return 1 if uses_gpu(model) else 0
+
+
+def probe_uses_gpu(probe: Mapping[str, Any]) -> bool:
+    """train_probe asks for a GPU only when the torch solver will run on one (probe.device)."""
+    return probe["solver"] == "torch" and probe["device"] != "cpu"
+
+
+def probe_threads(probe: Mapping[str, Any]) -> int:
+    """On the CPU the DAG's many probe jobs are the parallelism; beside a GPU two threads feed it."""
+    return 2 if probe_uses_gpu(probe) else 1
+
+
+def probe_mem_mb(probe: Mapping[str, Any], classes: int, train_per_class: int, width: int = 4096) -> int:
+    """Host memory of a probe job: the features, a standardised copy per CV fold (+ the refit and
+    the control), the principal basis and the L-BFGS history, at `width` (the paper's models)."""
+    rows = max(classes, 2) * train_per_class
+    floats = width * (rows * (probe["cv_folds"] + 3) + 3 * width + 20 * probe["cv_folds"] * max(classes, 2))
+    return 2048 + math.ceil(4 * floats / 2**20)
+
+
+def probe_runtime(probe: Mapping[str, Any], classes: int, train_per_class: int, positions: int) -> int:
+    """Minutes for one probe job: train images x classes x positions x C grid (+1: the refit and control)."""
+    work = max(classes, 2) ** 2 * train_per_class * positions * (len(probe["Cs"]) + 1)
+    return 10 + math.ceil(work / 100_000)
