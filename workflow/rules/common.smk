@@ -1,6 +1,5 @@
 """Config validation, wildcard constraints, path helpers and the target lists."""
 
-import math  # train_probe's runtime estimate (probe.smk)
 import os
 import re
 
