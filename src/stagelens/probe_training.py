@@ -144,10 +144,13 @@ def _fit_torch(x, y, settings: ProbeSettings, seed: int, threads: int):
     from stagelens.logistic import Problem, fit_path, principal_basis
     from stagelens.spec import resolve_device
 
-    torch.set_num_threads(max(1, threads))
     device = torch.device(resolve_device(settings.device))
     classes, encoded, folds = _check_labels(x, y, settings.cv_folds)
     K = len(classes)
+    # Threads pay off only on large matmuls: below ~50 MFLOP a call their synchronisation costs
+    # more, and on a busy machine every barrier can wait for a descheduled thread (measured: 6x
+    # slower with 2 threads than with 1 at the embedded default's size on a loaded 2-core machine).
+    torch.set_num_threads(1 if len(y) * x.shape[1] * K < 5e7 else max(1, threads))
     splits = _folds(y, folds, seed)
     Cs = sorted(set(float(c) for c in settings.Cs))
     solve = dict(n_classes=K, tol=settings.tol, max_iter=settings.max_iter, device=device,
