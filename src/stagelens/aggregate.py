@@ -31,6 +31,44 @@ def metrics_table(rows: Iterable[pl.DataFrame], num_layers: int) -> pl.DataFrame
     return table.select(*first, pl.exclude(first))
 
 
+def fit_table(probe_sidecars: Iterable[Mapping], control_sidecars: Iterable[Mapping]) -> pl.DataFrame:
+    """Whether each layer's probe and control fit converged, from the probes' JSON sidecars.
+
+    One row per position x layer: probe_converged, probe_n_iter, control_converged. A fit that
+    stopped at max_iter is still used (its accuracy is what it is) but must not pass unnoticed.
+    """
+    rows: dict[tuple[str, int], dict[str, object]] = {}
+    for kind, sidecars in (("probe", probe_sidecars), ("control", control_sidecars)):
+        for sidecar in sidecars:
+            layer = int(sidecar["input"]["layer"])
+            for position, fit in sidecar["fit"].items():
+                row = rows.setdefault((position, layer), {"position": position, "layer": layer})
+                row[f"{kind}_converged"] = bool(fit["converged"])
+                row[f"{kind}_n_iter"] = int(fit["n_iter"])
+    columns = {"position": pl.String, "layer": pl.Int64, "probe_converged": pl.Boolean, "probe_n_iter": pl.Int64,
+               "control_converged": pl.Boolean, "control_n_iter": pl.Int64}
+    return pl.DataFrame(list(rows.values()), schema=columns).sort("position", "layer")
+
+
+def with_fits(metrics: pl.DataFrame, fits: pl.DataFrame) -> pl.DataFrame:
+    """The metrics table with each row's probe convergence columns (every row must find its fit)."""
+    joined = metrics.join(fits, on=["position", "layer"], how="left")
+    missing = joined.filter(pl.col("probe_converged").is_null()).select("position", "layer").unique()
+    if len(missing):
+        raise ValueError(f"no probe fit record for (position, layer) {missing.sort('position', 'layer').rows()}")
+    return joined
+
+
+def fit_warnings(fits: pl.DataFrame) -> list[str]:
+    """One line per position x layer whose probe or control fit stopped at max_iter."""
+    stuck = fits.filter(~pl.col("probe_converged") | ~pl.col("control_converged"))
+    return [
+        f"WARNING: layer {row['layer']} ({row['position']}): fit did not converge (max_iter reached): "
+        f"probe converged={row['probe_converged']}, control converged={row['control_converged']}"
+        for row in stuck.iter_rows(named=True)
+    ]
+
+
 def behaviour_row(
     answers: pl.DataFrame, prompt: Mapping[str, str], anchor_answers: pl.DataFrame | None = None
 ) -> dict[str, object]:
@@ -92,11 +130,13 @@ def model_tables(
     model_name: str,
     min_drop: float,
     alpha: float,
+    fits: pl.DataFrame | None = None,
 ) -> dict[str, pl.DataFrame]:
     """The aggregate job: one model's metrics, behaviour and stages tables.
 
     metric_rows: the evaluate jobs' tables; answers: each prompt's test-split answers by prompt
-    id; prompts: the row order of the behaviour table; the anchor is found by its id.
+    id; prompts: the row order of the behaviour table; the anchor is found by its id; fits
+    (`fit_table`): the probes' convergence, joined onto the metrics rows.
     """
     rows = list(metric_rows)
     found = {int(n) for frame in rows for n in frame["num_layers"].unique()}
@@ -104,6 +144,8 @@ def model_tables(
         raise ValueError(f"metrics files of model {model_name!r} disagree on num_layers: {sorted(found)}")
     num_layers = found.pop()
     metrics = metrics_table(rows, num_layers)
+    if fits is not None:
+        metrics = with_fits(metrics, fits)
     missing = sorted({p["id"] for p in prompts} - set(answers))
     if missing or anchor_id not in answers:
         raise ValueError(f"no answers for prompts {missing or [anchor_id]} of model {model_name!r}")

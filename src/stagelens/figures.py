@@ -69,9 +69,11 @@ def _shade(hex_color: str, k: int) -> str:
 
 def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
     """Probe accuracy vs layer per prompt with bootstrap CI bands, control probe and chance."""
+    if "probe_converged" not in metrics.columns:  # tables written before fits were recorded
+        metrics = metrics.with_columns(pl.lit(True).alias("probe_converged"))
     data = _series(metrics).select(
         "position", "layer", "prompt", "family", "series", "family_rank", "accuracy",
-        "accuracy_ci_low", "accuracy_ci_high", "control_accuracy", "chance", "n",
+        "accuracy_ci_low", "accuracy_ci_high", "control_accuracy", "chance", "n", "probe_converged",
     )
     color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(data), sort=_series_order(data),
                       legend=alt.Legend(symbolType="stroke", symbolOpacity=1, symbolStrokeWidth=3))
@@ -98,11 +100,23 @@ def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
         .encode(x=x, y="control_accuracy:Q")
     )
     chance_rule = alt.Chart().mark_rule(color="#7f7f7f", strokeDash=[1, 3]).encode(y="mean(chance):Q")
+    # A probe whose fit stopped at max_iter is drawn with a red cross on the anchor's line.
+    unconverged = (
+        alt.Chart()
+        .transform_filter((alt.datum.family == "anchor") & ~alt.datum.probe_converged)
+        .mark_point(shape="cross", color="#d62728", size=120, filled=True)
+        .encode(x=x, y="accuracy:Q", tooltip=["layer", alt.Tooltip("probe_converged:N", title="probe fit converged")])
+    )
+    subtitle = ["bands: bootstrap CI; dashed grey: shuffled-label control probe; dotted: chance"]
+    stuck = data.filter(~pl.col("probe_converged")).select("position", "layer").unique().sort("position", "layer")
+    if len(stuck):
+        listed = ", ".join(f"{position} layer {layer}" for position, layer in stuck.rows())
+        subtitle.append(f"red cross: probe fit did not converge (max_iter reached): {listed}")
     return (
-        alt.layer(band, lines, control_line, chance_rule)
+        alt.layer(band, lines, control_line, chance_rule, unconverged)
         .properties(width=320, height=240)
         .facet(column=alt.Column("position:N", title="token position"), data=data)
-        .properties(title=alt.Title(title, subtitle="bands: bootstrap CI; dashed grey: shuffled-label control probe; dotted: chance"))
+        .properties(title=alt.Title(title, subtitle=subtitle))
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stagelens.atomic import temporary_path
 from stagelens.spec import VECTOR_DTYPES
 
 METADATA_KEY = b"stagelens"
@@ -96,9 +96,8 @@ class ParquetStreamWriter:
         self.path = Path(path)
         self.schema = schema
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        self.tmp_path = Path(tmp)
+        # atomic.py's fixed hidden name, so a rerun replaces what a killed job left behind.
+        self.tmp_path = temporary_path(self.path)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
             self.tmp_path, schema, compression=COMPRESSION
         )

@@ -10,6 +10,11 @@ rule aggregate:
             for layer in layers_of(wildcards.model)
         ],
         answers=lambda wildcards: [answers_path(wildcards.model, "test", prompt) for prompt in PROMPTS],
+        # The probes' fit records: whether each fit converged goes into the metrics table.
+        probe_fits=lambda wildcards: [probe_path(wildcards.model, layer, "json") for layer in layers_of(wildcards.model)],
+        control_fits=lambda wildcards: [
+            control_probe_path(wildcards.model, layer, "json") for layer in layers_of(wildcards.model)
+        ],
     output:
         metrics=aggregate_path("{model}", "metrics"),
         stages=aggregate_path("{model}", "stages"),
