@@ -3,6 +3,7 @@ Snakemake on synthetic embedding files, so no model is needed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -92,6 +93,10 @@ def test_analysis_rules_run_and_build_the_report(tmp_path):
     assert metrics.height == len(PROMPTS) * (NUM_LAYERS + 1)
     assert {"model", "layer", "depth", "prompt", "family", "accuracy", "drop", "drop_p",
             "shift_corrected_accuracy", "control_accuracy", "selectivity"} <= set(metrics.columns)
+    for row in metrics.select("position", "layer", "probe_converged", "control_converged").unique().iter_rows(named=True):
+        for kind, folder in (("probe", ""), ("control", "control/")):
+            fit = json.loads((results / "synth" / "probes" / f"{folder}layer{row['layer']}.json").read_text())["fit"]
+            assert row[f"{kind}_converged"] == fit[row["position"]]["converged"]
     neg_last = metrics.filter((pl.col("prompt") == "neg_plane") & (pl.col("layer") == NUM_LAYERS)).row(0, named=True)
     assert neg_last["drop"] > 0.3 and neg_last["shift_corrected_drop"] < neg_last["drop"]
     stages = pl.read_parquet(results / "synth" / "stages.parquet").filter(pl.col("detected"))

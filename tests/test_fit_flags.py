@@ -1,34 +1,29 @@
 """A probe fit that stops at max_iter is flagged: from the sidecar into the metrics table and
-onto the accuracy figure of the report."""
+onto the accuracy figure of the report. (That the workflow's table carries its own sidecars'
+flags is checked in tests/test_analysis_workflow.py.)"""
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 import pytest
 
 from stagelens.aggregate import fit_table, with_fits
 from stagelens.figures import accuracy_chart
-from stagelens.probe import fit_probe
 
 
-def sidecar(layer: int, max_iter: int) -> dict:
-    """The fit record train_probe writes, from a real fit (lbfgs stops early at max_iter=1)."""
-    rng = np.random.default_rng(layer)
-    x = rng.normal(size=(40, 6)).astype(np.float32)
-    y = (x[:, 0] + 0.5 * rng.normal(size=40) > 0).astype(np.int64)
-    _, report = fit_probe(x, y, Cs=[1.0], cv_folds=2, max_iter=max_iter, seed=0)
-    return {"input": {"layer": layer}, "fit": {"last": vars(report)}}
+def sidecar(layer: int, converged: bool, n_iter: int = 37) -> dict:
+    """The parts of a probe sidecar (train_probe's JSON) that the flag is read from."""
+    fit = {"C": 1.0, "n_iter": n_iter, "converged": converged, "train_accuracy": 0.9}
+    return {"kind": "probe", "input": {"layer": layer, "positions": ["last"]}, "fit": {"last": fit}}
 
 
 def test_fit_table_reads_convergence_per_layer_and_position():
-    probes = [sidecar(0, 1000), sidecar(1, 1), sidecar(2, 1000)]
-    controls = [sidecar(0, 1000), sidecar(1, 1000), sidecar(2, 1)]
-    fits = fit_table(probes, controls)
-    assert fits.rows() == [
-        ("last", 0, True, probes[0]["fit"]["last"]["n_iter"], True, controls[0]["fit"]["last"]["n_iter"]),
-        ("last", 1, False, 1, True, controls[1]["fit"]["last"]["n_iter"]),
-        ("last", 2, True, probes[2]["fit"]["last"]["n_iter"], False, 1),
+    probes = [sidecar(0, True, 12), sidecar(1, False, 200), sidecar(2, True, 15)]
+    controls = [sidecar(0, True, 40), sidecar(1, True, 41), sidecar(2, False, 200)]
+    assert fit_table(probes, controls).rows() == [
+        ("last", 0, True, 12, True, 40),
+        ("last", 1, False, 200, True, 41),
+        ("last", 2, True, 15, False, 200),
     ]
 
 
@@ -42,7 +37,7 @@ def metrics(layers: int) -> pl.DataFrame:
 
 
 def test_metrics_rows_carry_the_flag_and_every_row_needs_a_fit():
-    fits = fit_table([sidecar(0, 1000), sidecar(1, 1)], [sidecar(0, 1000), sidecar(1, 1000)])
+    fits = fit_table([sidecar(0, True), sidecar(1, False)], [sidecar(0, True), sidecar(1, True)])
     table = with_fits(metrics(2), fits)
     assert table.filter(pl.col("layer") == 1)["probe_converged"].to_list() == [False, False]
     assert table.filter(pl.col("layer") == 0)["probe_converged"].to_list() == [True, True]
@@ -51,13 +46,13 @@ def test_metrics_rows_carry_the_flag_and_every_row_needs_a_fit():
 
 
 def test_accuracy_figure_marks_unconverged_layers():
-    fits = fit_table([sidecar(0, 1000), sidecar(1, 1), sidecar(2, 1000)], [sidecar(k, 1000) for k in range(3)])
+    fits = fit_table([sidecar(0, True), sidecar(1, False), sidecar(2, True)], [sidecar(k, True) for k in range(3)])
     spec = accuracy_chart(with_fits(metrics(3), fits), "m").to_dict()
     assert "probe fit did not converge (max_iter reached): last layer 1" in spec["title"]["subtitle"][-1]
     crosses = [u for u in spec["spec"]["layer"] if isinstance(u["mark"], dict) and u["mark"].get("shape") == "cross"]
     assert len(crosses) == 1 and crosses[0]["encoding"]["y"]["field"] == "accuracy"
     data = next(iter(spec["datasets"].values()))
     assert sorted({r["layer"] for r in data if not r["probe_converged"]}) == [1]
-    converged = accuracy_chart(with_fits(metrics(3), fit_table([sidecar(k, 1000) for k in range(3)],
-                                                               [sidecar(k, 1000) for k in range(3)])), "m").to_dict()
+    all_fine = fit_table([sidecar(k, True) for k in range(3)], [sidecar(k, True) for k in range(3)])
+    converged = accuracy_chart(with_fits(metrics(3), all_fine), "m").to_dict()
     assert len(converged["title"]["subtitle"]) == 1
