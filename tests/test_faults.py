@@ -7,8 +7,8 @@ README's "After a failure" tells a user. At every kill point each visible file u
 must read whole (Parquet, safetensors, JSON, PNG, SVG); after the last rerun the outputs must
 equal the clean run's. Both runs use the default workflow profile (rerun-incomplete) on 2 cores.
 
-Everything under results/ is compared byte for byte, except that the probe .safetensors files
-are compared by their tensors and metadata until their header order is fixed (issue 9).
+Everything under results/ is compared byte for byte: the kills and reruns change no output, and
+two runs of the same config on one machine write identical files.
 """
 
 from __future__ import annotations
@@ -304,40 +304,16 @@ def test_rerun_after_unlock_completes_and_cleans_up(killed_run, clean_run):
     assert unreadable(killed_run.workdir) == {}
 
 
-def same_tensors(a: Path, b: Path) -> bool:
-    """Two safetensors files hold the same tensors (names, dtypes, shapes, values) and metadata."""
-    from safetensors import safe_open
-
-    def read(path: Path):
-        with safe_open(str(path), "numpy") as fh:
-            return fh.metadata(), {key: fh.get_tensor(key) for key in fh.keys()}
-
-    (meta_a, tensors_a), (meta_b, tensors_b) = read(a), read(b)
-    return meta_a == meta_b and tensors_a.keys() == tensors_b.keys() and all(
-        tensors_a[k].dtype == tensors_b[k].dtype and np.array_equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
-
-
-def differences(killed: KilledRun, clean: Path, *, probes: str) -> dict[str, str]:
-    """Files of the clean run whose counterpart differs; probes ("bytes" or "values") sets how
-    the probe .safetensors files are compared, every other file is compared byte for byte."""
-    found = {}
-    for path in visible_files(clean):
-        rel = path.relative_to(clean)
-        other = killed.workdir / rel
-        if path.read_bytes() == other.read_bytes():
-            continue
-        if probes == "values" and path.name.endswith(".safetensors") and "/probes/" in str(rel) and same_tensors(path, other):
-            continue
-        found[str(rel)] = "bytes differ"
-    return found
+def differences(killed: KilledRun, clean: Path) -> dict[str, str]:
+    """Files of the clean run whose counterpart in the killed run differs in any byte."""
+    return {
+        str(path.relative_to(clean)): "bytes differ"
+        for path in visible_files(clean)
+        if path.read_bytes() != (killed.workdir / path.relative_to(clean)).read_bytes()
+    }
 
 
 def test_outputs_after_kills_equal_a_clean_run(killed_run, clean_run):
-    """Manifest, checkpoint, embeddings, answers, probe sidecars, metrics, tables, figures (PNG,
-    SVG, Vega-Lite JSON): byte-identical. Probe .safetensors: identical tensors and metadata."""
-    assert differences(killed_run, clean_run, probes="values") == {}
-
-
-@pytest.mark.xfail(reason="safetensors writes its header in hash order: issue 9 sorts it", strict=False)
-def test_probe_files_are_byte_identical(killed_run, clean_run):
-    assert differences(killed_run, clean_run, probes="bytes") == {}
+    """Byte for byte: manifest, checkpoint, embeddings, answers, probes (.safetensors and their
+    JSON sidecars), per-layer metrics, the aggregate tables, figures (PNG, SVG, Vega-Lite JSON)."""
+    assert differences(killed_run, clean_run) == {}
