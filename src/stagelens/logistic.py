@@ -275,13 +275,11 @@ def fit_path(
     max_iter: int,
     device: torch.device,
     basis: torch.Tensor | None = None,
-    progress=None,
 ) -> tuple[Standardisation, list[PathFit]]:
     """Solve every problem at every C in increasing order, each C warm-started from the previous.
 
     Returns the problems' standardisations and one PathFit per C (in increasing order of C).
     `basis` (from `principal_basis`) may be passed to reuse it across calls on the same x.
-    `progress`, if given, is called with each finished C.
     """
     if any(c <= 0 for c in Cs):
         raise ValueError(f"every C must be positive, got {list(Cs)}")
@@ -302,7 +300,5 @@ def fit_path(
             n_iter=n_iter.cpu().numpy(),
             converged=(gmax <= tol).cpu().numpy(),  # gmax <= tol only where checked in the original basis
         ))
-        if progress is not None:
-            progress(C)
         W = W.clone()
     return Standardisation(batch.mean.cpu().numpy(), batch.scale.cpu().numpy()), fits
