@@ -317,3 +317,22 @@ def test_outputs_after_kills_equal_a_clean_run(killed_run, clean_run):
     """Byte for byte: manifest, checkpoint, embeddings, answers, probes (.safetensors and their
     JSON sidecars), per-layer metrics, the aggregate tables, figures (PNG, SVG, Vega-Lite JSON)."""
     assert differences(killed_run, clean_run) == {}
+
+
+def test_the_readability_check_catches_cut_files(tmp_path):
+    """The check behind "no visible file is unreadable" fails on a file cut in half, of every kind."""
+    import pyarrow as pa
+    from safetensors.numpy import save_file
+
+    pq.write_table(pa.table({"x": list(range(100))}), tmp_path / "t.parquet")
+    save_file({"w": np.ones((4, 4), np.float32)}, str(tmp_path / "p.safetensors"))
+    (tmp_path / "s.json").write_text(json.dumps({"a": list(range(20))}))
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "f.png")
+    (tmp_path / "f.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><rect width="1" height="1"/></svg>')
+    (tmp_path / "r.html").write_text("<html><body>report</body></html>\n")
+    for path in sorted(tmp_path.iterdir()):
+        read_whole(path)
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(Exception):
+            read_whole(path)
