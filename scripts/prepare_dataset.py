@@ -1,4 +1,4 @@
-"""Snakemake script of rule prepare_dataset: ImageFolder tree -> results/data/manifest.parquet."""
+"""Snakemake script of rule prepare_dataset: the image dataset (any dataset.format) -> results/data/manifest.parquet."""
 
 from stagelens.job import start
 
@@ -12,13 +12,18 @@ from stagelens.dataset import build_manifest, manifest_metadata, write_manifest 
 
 dataset = snakemake.params.dataset  # noqa: F821
 table = build_manifest(
-    root=snakemake.input.root,  # noqa: F821
+    root=dataset["root"],
     seed=snakemake.params.seed,  # noqa: F821
     train_per_class=dataset["train_per_class"],
     test_per_class=dataset["test_per_class"],
     class_list=dataset["class_list"],
     on_broken_image=dataset["on_broken_image"],
-    progress=lambda classes: tqdm(classes, desc="classes", unit="class", file=sys.stderr),
+    format=dataset["format"],
+    image_column=dataset["image_column"],
+    label_column=dataset["label_column"],
+    class_names=dataset["class_names"],
+    labels=dataset["labels"],
+    progress=lambda images: tqdm(images, desc="checking images", unit="image", file=sys.stderr),
 )
 write_manifest(table, snakemake.output.manifest)  # noqa: F821
 

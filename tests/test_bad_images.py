@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stagelens.dataset import DatasetError, build_manifest, candidate_order, list_images, manifest_metadata, write_manifest
+from stagelens.dataset import DatasetError, build_manifest, candidate_order, manifest_metadata, write_manifest
+from stagelens.image_sources import list_images
 from stagelens.extract import load_image
 from stagelens.images import MAX_PIXELS, ImageDecodeError, image_error, open_rgb
 

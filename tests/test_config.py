@@ -40,8 +40,13 @@ def test_defaults_are_filled_as_documented():
     assert cfg["seed"] == 0
     assert cfg["results"] == "results"
     assert cfg["dataset"] == {
+        "format": "imagefolder",
         "root": "images",
         "class_list": None,
+        "image_column": "image",
+        "label_column": "label",
+        "class_names": None,
+        "labels": None,
         "train_per_class": 50,
         "test_per_class": 30,
         "on_broken_image": "error",
@@ -89,6 +94,8 @@ BAD = [
     (lambda c: c["dataset"].pop("root"), "config error at dataset: 'root' is a required property"),
     (lambda c: c["dataset"].update(train_per_class=0), "config error at dataset.train_per_class: 0 is less than the minimum of 1"),
     (lambda c: c["dataset"].update(on_broken_image="ignore"), "config error at dataset.on_broken_image: 'ignore' is not one of"),
+    (lambda c: c["dataset"].update(format="webdataset"), "config error at dataset.format: 'webdataset' is not one of"),
+    (lambda c: c["dataset"].update(format="imagenet_val"), "config error at dataset: 'labels' is a required property"),
     (lambda c: c.update(sed=1), "config error at <top level>: Additional properties are not allowed ('sed' was unexpected)"),
     (lambda c: c["models"]["tiny-llava"].update(layer=[1]), "config error at models.tiny-llava: Additional properties are not allowed ('layer'"),
     (lambda c: c["models"]["tiny-llava"].update(layers="all"), "config error at models.tiny-llava.layers: 'all' is not of type 'array', 'null'"),

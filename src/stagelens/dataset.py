@@ -1,4 +1,8 @@
-"""The image manifest: a deterministic per-class train/test split of an ImageFolder tree.
+"""The image manifest: a deterministic per-class train/test split of an image dataset.
+
+The dataset is an ImageFolder tree, Parquet/Arrow files or the ImageNet validation layout
+(stagelens.image_sources); the split sees only class keys and image names, so the same images
+give the same manifest in every layout.
 
 The split of a class depends only on the seed, the class folder's name and the sorted paths of
 its images, never on filesystem listing order or on the other classes, so adding a class to a
@@ -16,16 +20,18 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stagelens.atomic import atomic_path
+from stagelens.image_sources import Candidates, DatasetError, ImageRef, describe, read_image_source, scan_candidates
 from stagelens.images import image_error
 from stagelens.store import METADATA_KEY
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+T = TypeVar("T")
 SPLITS = ("train", "test")
 
 MANIFEST_SCHEMA = pa.schema(
@@ -35,12 +41,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("label", pa.int32()),
         ("class_name", pa.string()),
         ("path", pa.string()),
+        ("row", pa.int64()),
     ]
 )
-
-
-class DatasetError(ValueError):
-    """The dataset cannot give what the config asks for; the message names the class or file."""
 
 
 @dataclass(frozen=True)
@@ -83,51 +86,26 @@ def read_class_list(path: str | os.PathLike) -> list[ImageClass]:
     return classes
 
 
-def list_class_folders(root: str | os.PathLike) -> list[str]:
-    """Sub-folders of the root (hidden ones excluded), sorted. A folder name that is not UTF-8
-    or a link that leads nowhere (dangling, or a loop) is an error, not a class quietly lost."""
-    if not os.path.isdir(root):
-        raise DatasetError(f"dataset root {root} is not a directory")
-    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
-    bad = [f"{os.fsencode(e.path)!r}: name is not valid UTF-8" for e in entries if not _is_utf8(e.name)]
-    bad += [f"{e.path}: symbolic link to nowhere (dangling or a loop)" for e in entries
-            if e.is_symlink() and not os.path.exists(e.path)]
-    if bad:
-        raise DatasetError(f"dataset root {root}: unusable class folder(s):\n  " + "\n  ".join(bad))
-    return sorted(e.name for e in entries if e.is_dir())
-
-
-def _is_utf8(name: str) -> bool:
-    """False for a file name with bytes that are not UTF-8 (Python keeps them as surrogates)."""
+def ref_error(ref: ImageRef) -> str | None:
+    """stagelens.images.image_error of an image wherever it lies (file or Parquet/Arrow row)."""
     try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def list_images(class_dir: str | os.PathLike) -> list[str]:
-    """Image files under a class folder (recursively), as sorted POSIX paths relative to it."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(Path(dirpath, name).relative_to(class_dir).as_posix())
-    return sorted(found)
+        error = image_error(read_image_source(ref))
+    except (OSError, DatasetError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return error if error is None or ref.row is None else f"{describe(ref)}: {error}"
 
 
 # --- pure logic ------------------------------------------------------------------------------
 
 
 def choose_classes(folders: Sequence[str], class_list: Sequence[ImageClass] | None) -> list[ImageClass]:
-    """The ordered classes: the class list (every folder must exist), else the sorted folders.
+    """The ordered classes: the class list (every folder must exist), else the folders in the source's order.
 
     A listed folder also matches one on-disk folder named "<folder>-<anything>", so Stanford
     Dogs (`n02085620-Chihuahua/`) works with the same WordNet-id list as ImageNet (`n02085620/`).
     """
     if class_list is None:
-        return [ImageClass(folder, folder) for folder in sorted(folders)]
+        return [ImageClass(folder, folder) for folder in folders]
     present = set(folders)
     chosen: list[ImageClass] = []
     absent: list[str] = []
@@ -219,27 +197,43 @@ def sample_id(folder: str, rel: str) -> str:
 
 
 def manifest_table(
-    root: str,
     classes: Sequence[ImageClass],
     splits: Mapping[str, ClassSplit],
+    refs: Mapping[str, Mapping[str, ImageRef]],
     metadata: Mapping[str, object],
 ) -> pa.Table:
-    """The manifest rows (train then test, by label, by sample id) with the run metadata attached."""
+    """The manifest rows (train then test, by label, by sample id) with the run metadata attached.
+
+    `path` is the image file, or the Parquet/Arrow file whose row `row` holds the image.
+    """
     columns: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
     for split in SPLITS:
         for label, cls in enumerate(classes):
             files = getattr(splits[cls.folder], split)
             for rel in sorted(files, key=lambda r: sample_id(cls.folder, r)):
+                ref = refs[cls.folder][rel]
                 columns["sample_id"].append(sample_id(cls.folder, rel))
                 columns["split"].append(split)
                 columns["label"].append(label)
                 columns["class_name"].append(cls.name)
-                columns["path"].append(os.path.join(root, cls.folder, rel))
+                columns["path"].append(ref.path)
+                columns["row"].append(ref.row)
     dupes = sorted(i for i, n in Counter(columns["sample_id"]).items() if n > 1)
     if dupes:
         raise DatasetError(f"images share a sample id (same name, different suffix): {', '.join(dupes[:5])}")
     table = pa.table(columns, schema=MANIFEST_SCHEMA)
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(dict(metadata), sort_keys=True).encode("utf-8")})
+
+
+def first_candidates(classes: Sequence[ImageClass], candidates: Candidates, seed: int, need: int) -> list[ImageRef]:
+    """The images the split checks first (the first `need` of each class), in storage order, so
+    that checking them reads each Parquet row group once."""
+    refs = [
+        candidates[cls.folder][rel]
+        for cls in classes
+        for rel in candidate_order(list(candidates[cls.folder]), cls.folder, seed)[:need]
+    ]
+    return sorted(refs, key=lambda r: (r.path, -1 if r.row is None else r.row))
 
 
 # --- orchestration and writing ---------------------------------------------------------------
@@ -252,35 +246,51 @@ def build_manifest(
     test_per_class: int,
     class_list: str | None = None,
     on_broken_image: str = "error",
-    error_of: Callable[[str], str | None] = image_error,
-    progress: Callable[[Iterable[ImageClass]], Iterable[ImageClass]] = lambda it: it,
+    *,
+    format: str = "imagefolder",
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names: str | None = None,
+    labels: str | None = None,
+    error_of: Callable[[ImageRef], str | None] = ref_error,
+    progress: Callable[[Iterable[T]], Iterable[T]] = lambda it: it,
 ) -> pa.Table:
-    """Scan the tree, split every class and return the manifest table (see the brief's contract)."""
+    """Scan the dataset, split every class and return the manifest table.
+
+    format / image_column / label_column / class_names / labels are the `dataset` config keys
+    of the same names (config/README.md); `progress` wraps the images checked.
+    """
     if on_broken_image not in ("error", "skip"):
         raise DatasetError(f"on_broken_image must be 'error' or 'skip', got {on_broken_image!r}")
+    dataset = {"format": format, "root": root, "image_column": image_column, "label_column": label_column,
+               "class_names": class_names, "labels": labels}
+    candidates = scan_candidates(dataset)
     listed = read_class_list(class_list) if class_list else None
-    classes = choose_classes(list_class_folders(root), listed)
+    classes = choose_classes(list(candidates), listed)
     if not classes:
-        raise DatasetError(f"dataset root {root} has no class sub-folders")
+        raise DatasetError(f"dataset root {root} has no classes")
+    first = first_candidates(classes, candidates, seed, train_per_class + test_per_class)
+    errors = {ref: error_of(ref) for ref in progress(first)}
     splits: dict[str, ClassSplit] = {}
-    for cls in progress(classes):
-        class_dir = os.path.join(root, cls.folder)
+    for cls in classes:
+        refs = candidates[cls.folder]
         splits[cls.folder] = split_class(
             cls,
-            list_images(class_dir),
+            list(refs),
             seed,
             train_per_class,
             test_per_class,
-            lambda rel, d=class_dir: error_of(os.path.join(d, rel)),
+            lambda rel, refs=refs: errors[refs[rel]] if refs[rel] in errors else error_of(refs[rel]),
         )
     check_splits(classes, splits, train_per_class, test_per_class, on_broken_image)
     skipped = [
-        {"path": os.path.join(root, folder, rel), "error": error}
+        {"path": describe(candidates[folder][rel]), "error": error}
         for folder, split in splits.items()
         for rel, error in split.skipped
     ]
     metadata = {
-        "root": root,
+        **dataset,
+        "image_column": image_column if format == "parquet" else None,
         "class_list": class_list,
         "seed": seed,
         "train_per_class": train_per_class,
@@ -291,7 +301,7 @@ def build_manifest(
         "n_skipped_broken": len(skipped),
         "skipped_broken": skipped,
     }
-    return manifest_table(root, classes, splits, metadata)
+    return manifest_table(classes, splits, candidates, metadata)
 
 
 def write_manifest(table: pa.Table, path: str | os.PathLike) -> None:

@@ -9,6 +9,7 @@ bounded row groups.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -24,10 +25,11 @@ from tqdm import tqdm
 
 from stagelens import __version__
 from stagelens.adapters.base import ANSWER_WORDS, POSITIONS, BatchVectors, LayerConvention, ModelAdapter, PreparingAdapter
+from stagelens.image_sources import ImageRef, describe, read_image_source
 from stagelens.finite import check_finite
 from stagelens.images import ImageDecodeError, open_rgb
 from stagelens.spec import ModelSpec, vector_dtype_problem
-from stagelens.store import EmbeddingWriter, ParquetStreamWriter, answers_schema
+from stagelens.store import METADATA_KEY, EmbeddingWriter, ParquetStreamWriter, answers_schema
 
 
 @dataclass(frozen=True)
@@ -36,28 +38,44 @@ class Sample:
 
     sample_id: str
     label: int
-    path: str
+    path: str  # the image file, or the Parquet/Arrow file holding it at `row`
+    row: int | None = None
+    column: str | None = None
+
+    @property
+    def image(self) -> ImageRef:
+        return ImageRef(self.path, self.row, self.column)
 
 
 def read_split(manifest_path: str | os.PathLike, split: str, image_root: str | os.PathLike | None = None) -> list[Sample]:
     """The manifest rows of one split, in manifest order; relative paths resolved against image_root."""
-    table = pq.read_table(manifest_path, columns=["sample_id", "split", "label", "path"])
-    rows = [r for r in table.to_pylist() if r["split"] == split]
+    file = pq.ParquetFile(manifest_path)
+    columns = ["sample_id", "split", "label", "path"] + (["row"] if "row" in file.schema_arrow.names else [])
+    rows = [r for r in file.read(columns=columns).to_pylist() if r["split"] == split]
     if not rows:
         raise ValueError(f"{manifest_path}: no rows with split == {split!r}")
+    column = json.loads((file.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}")).get("image_column")
     root = Path(image_root) if image_root is not None else None
     return [
-        Sample(r["sample_id"], int(r["label"]), str(root / r["path"]) if root and not os.path.isabs(r["path"]) else r["path"])
+        Sample(
+            r["sample_id"],
+            int(r["label"]),
+            str(root / r["path"]) if root and not os.path.isabs(r["path"]) else r["path"],
+            r.get("row"),
+            column if r.get("row") is not None else None,
+        )
         for r in rows
     ]
 
 
-def load_image(path: str) -> Image.Image:
-    """The image as the model sees it (stagelens.images.open_rgb); errors name the file."""
+def load_image(ref: ImageRef | str) -> Image.Image:
+    """The image as the model sees it (stagelens.images.open_rgb), from a file or a Parquet/Arrow
+    row; errors name the file (and row)."""
+    ref = ImageRef(ref) if isinstance(ref, str) else ref
     try:
-        return open_rgb(path)
+        return open_rgb(read_image_source(ref))
     except ImageDecodeError as err:
-        raise ImageDecodeError(f"cannot read image {path}: {err}") from err
+        raise ImageDecodeError(f"cannot read image {describe(ref)}: {err}") from err
 
 
 def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[Sequence[Sample]]:
@@ -77,11 +95,11 @@ def _run_batches(
     chunks = list(batches(samples, batch_size))
     if not isinstance(adapter, PreparingAdapter):
         for batch in chunks:
-            yield batch, adapter.forward([load_image(s.path) for s in batch], question, layers, positions)
+            yield batch, adapter.forward([load_image(s.image) for s in batch], question, layers, positions)
         return
 
     def prepare(batch: Sequence[Sample]):
-        return adapter.prepare([load_image(s.path) for s in batch], question)
+        return adapter.prepare([load_image(s.image) for s in batch], question)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagelens-prepare") as pool:
         pending = pool.submit(prepare, chunks[0])

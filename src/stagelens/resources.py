@@ -19,12 +19,16 @@ DEFAULT_BILLIONS = 8.0
 
 
 def n_classes(dataset: Mapping[str, Any]) -> int:
-    """Classes in the dataset: the class list's rows, else the root's sub-folders (0 if unreadable)."""
-    class_list = dataset.get("class_list")
+    """Classes in the dataset: the class list's rows, else the class names, else the root's
+    sub-folders (0 if unreadable)."""
+    class_list, class_names = dataset.get("class_list"), dataset.get("class_names")
     try:
         if class_list:
             with open(class_list, encoding="utf-8") as fh:
                 return max(sum(1 for line in fh if line.strip()) - 1, 0)
+        if class_names:
+            with open(class_names, encoding="utf-8") as fh:
+                return sum(1 for line in fh if line.strip())
         return sum(1 for e in os.scandir(dataset["root"]) if e.is_dir() and not e.name.startswith("."))
     except OSError:
         return 0

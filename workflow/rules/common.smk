@@ -1,5 +1,6 @@
 """Config validation, wildcard constraints, path helpers and the target lists."""
 
+import glob
 import os
 import re
 
@@ -130,10 +131,16 @@ def extract_rule_name(model):
 
 
 def dataset_inputs(wildcards):
-    """The image tree is an input (Snakemake checks it exists); so is the class list if set."""
-    inputs = {"root": config["dataset"]["root"]}
-    if config["dataset"]["class_list"]:
-        inputs["class_list"] = config["dataset"]["class_list"]
+    """The image folder or Parquet/Arrow files are inputs (Snakemake checks they exist); so are
+    the class list, class names and label file if set."""
+    dataset = config["dataset"]
+    if dataset["format"] == "parquet" and not os.path.exists(dataset["root"]):
+        inputs = {"root": sorted(glob.glob(dataset["root"], recursive=True)) or [dataset["root"]]}
+    else:
+        inputs = {"root": dataset["root"]}
+    for key in ("class_list", "class_names", "labels"):
+        if dataset[key]:
+            inputs[key] = dataset[key]
     return inputs
 
 

@@ -1,5 +1,5 @@
 rule prepare_dataset:
-    """Deterministic per-class train/test split of the ImageFolder tree -> manifest.parquet."""
+    """Deterministic per-class train/test split of the image dataset (any dataset.format) -> manifest.parquet."""
     input:
         unpack(dataset_inputs),
     output:
