@@ -125,7 +125,7 @@ def bench_dry_run(root: Path, repeats: int) -> tuple[float, str]:
     }
     configfile = root / "paper_scale.yaml"
     configfile.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(root / "work"),
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(root / "work"),
            "--configfile", str(configfile), "--replace-workflow-config", "--workflow-profile", "none",
            "--dry-run", "--quiet", "rules"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -47,7 +47,9 @@ def run_workflow(tree: Path, workdir: Path, cfg: dict) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(tree / "Snakefile"), "--directory", str(workdir),
+    # workflow/Snakefile since the workflow became deployable as a module; older trees have it at the root.
+    snakefile = tree / "workflow" / "Snakefile" if (tree / "workflow" / "Snakefile").is_file() else tree / "Snakefile"
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
            "--configfile", str(configfile), "--replace-workflow-config", "--workflow-profile", "none",
            "--cores", "2", "--quiet", "rules"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"}

@@ -318,7 +318,7 @@ def test_every_cross_field_mutation_fails_with_the_key_named(cfg, which):
 def dry_run(workdir: Path, cfg: dict) -> subprocess.CompletedProcess:
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(configfile), "--workflow-profile", "none", "--dry-run"]
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

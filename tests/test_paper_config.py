@@ -88,7 +88,7 @@ def dry_run(tmp_path: Path, cfg: dict) -> dict[str, int]:
     configfile = tmp_path / "paper.yaml"
     configfile.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"),
         "--directory", str(tmp_path), "--configfile", str(configfile), "--replace-workflow-config",
         "--workflow-profile", "none", "--dry-run", "--quiet", "rules",
     ]  # fmt: skip

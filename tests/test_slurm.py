@@ -52,7 +52,7 @@ def slurm(tmp_path_factory):
 def snakemake_cmd(workdir: Path, configfile: Path, profile: str, *args: str) -> list[str]:
     return [
         sys.executable, "-m", "snakemake",
-        "--snakefile", str(REPO / "Snakefile"),
+        "--snakefile", str(REPO / "workflow" / "Snakefile"),
         "--directory", str(workdir),
         "--configfile", str(configfile),
         "--replace-workflow-config",

@@ -73,7 +73,7 @@ def write_config(workdir: Path, cfg: dict, name: str = "config.yaml") -> Path:
 def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "snakemake",
-        "--snakefile", str(REPO / "Snakefile"),
+        "--snakefile", str(REPO / "workflow" / "Snakefile"),
         "--directory", str(workdir),
         "--configfile", str(configfile),
         "--replace-workflow-config",
@@ -143,7 +143,7 @@ def test_configfile_replaces_the_default_config(images, tmp_path):
     shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
     (tmp_path / "resources").symlink_to(REPO / "resources")  # the default's images
     configfile = write_config(tmp_path, tiny_config(images, variants=(LEXICAL,)), "mine.yaml")
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(tmp_path),
            "--workflow-profile", "none", "--dry-run", "--quiet", "rules"]
     mine = job_counts(subprocess.run([*cmd, "--configfile", str(configfile)], cwd=tmp_path,
                                      capture_output=True, text=True, timeout=600))
@@ -291,3 +291,38 @@ def test_adding_a_model_costs_only_its_jobs(finished_run):
     assert counts.pop("extract_tiny_qwen2_vl") == 1 + 2
     # Only the new model's probes, evaluations, tables and figures, plus the cross-model panel.
     assert counts == {**expected_analysis({"tiny-qwen2-vl": 3}, 2), "all": 1}
+
+
+@pytest.mark.slow
+def test_results_loader_gives_the_run_tables(finished_run, tmp_path):
+    import polars as pl
+    from polars.testing import assert_frame_equal
+
+    from stagelens.results import load_results
+    from stagelens.store import read_metadata, read_vectors
+
+    workdir, cfg = finished_run
+    first = workdir / "results"
+    second = tmp_path / "results"  # a second run folder: the same files, so the stacking is checkable
+    shutil.copytree(first, second, ignore=shutil.ignore_patterns("models", "cache"))
+    res = load_results(first, second, names=["a", "b"])
+    for name, frame in (("metrics", res.metrics), ("stages", res.stages), ("behaviour", res.behaviour)):
+        expected = pl.from_arrow(pq.read_table(first / "tiny-llava" / f"{name}.parquet"))
+        assert frame["run"].to_list() == ["a"] * expected.height + ["b"] * expected.height
+        for run in ("a", "b"):
+            assert_frame_equal(frame.filter(pl.col("run") == run).drop("run"), expected)
+
+    emb_meta = read_metadata(first / "tiny-llava" / "embeddings" / "test" / "anchor" / "layer1.parquet")
+    prov = res.provenance.filter(pl.col("run") == "a").row(0, named=True)
+    assert prov["model"] == "tiny-llava" and prov["model_id"] == emb_meta["model_id"]
+    assert prov["num_layers"] == 2 and prov["layer_convention"] == emb_meta["layer_convention"]
+    assert (prov["seed"], prov["train_per_class"], prov["test_per_class"], prov["n_classes"]) == (0, 4, 3, len(CLASSES))
+    assert prov["dataset_format"] == "imagefolder" and prov["probe_method"]
+
+    layer1 = res.embeddings("tiny-llava", "test", "anchor", layers=[1], run="a").collect()
+    ids, labels, vectors = read_vectors(first / "tiny-llava" / "embeddings" / "test" / "anchor" / "layer1.parquet", "last")
+    assert layer1["sample_id"].to_list() == list(ids) and layer1["label"].to_list() == list(labels)
+    np.testing.assert_array_equal(np.stack(layer1["last"].to_numpy()), vectors)
+    every = res.embeddings("tiny-llava", "train").select("run", "layer").collect()
+    n_train = len(CLASSES) * cfg["dataset"]["train_per_class"]
+    assert every.group_by("run", "layer").len().sort("run", "layer")["len"].to_list() == [n_train] * 6

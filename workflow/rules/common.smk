@@ -26,6 +26,19 @@ try:
 except ConfigError as exc:
     raise WorkflowError(f"invalid config:\n{exc}") from None
 
+
+def workflow_path(path):
+    """A config path as given when it exists from the working directory, else the checkout's file
+    of that name (so a project including the workflow as a module can name the shipped resources/)."""
+    if path is None or os.path.isabs(path) or os.path.exists(path):
+        return path
+    shipped = os.path.join(STAGELENS_ROOT, path)
+    return shipped if os.path.exists(shipped) else path
+
+
+for _key in ("root", "class_list", "class_names", "labels"):
+    config["dataset"][_key] = workflow_path(config["dataset"][_key])
+
 RESULTS = config["results"]
 MODELS = enabled_models(config)
 PROMPTS = {prompt["id"]: prompt for prompt in all_prompts(config)}
