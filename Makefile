@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES ?= all
 
-.PHONY: run test setup setup-test clean
+.PHONY: run test setup setup-test clean projector
 
 $(BIN)/.installed: envs/requirements.txt envs/embedded.txt envs/constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,14 @@ setup-test: $(BIN)/.installed-test
 run: setup
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html
-	@echo "Report: results/report.html   Figures: results/figures/"
+	$(BIN)/python -m stagelens.summary results results/report.html
+
+# Train the embedded default's projector with its recipe and keep it in resources/embedded/, where
+# `projector: shipped` reads it (commit both files; the test suite checks them against the recipe).
+projector: setup
+	$(BIN)/snakemake --cores $(CORES) results/cache/embedded/effnet-smollm2/projector.safetensors
+	mkdir -p resources/embedded
+	cp results/cache/embedded/effnet-smollm2/projector.safetensors results/cache/embedded/effnet-smollm2/projector_training.json resources/embedded/
 
 test: setup-test
 	$(BIN)/pytest

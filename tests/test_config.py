@@ -62,6 +62,7 @@ def test_defaults_are_filled_as_documented():
         "layers": None,
         "positions": ["last", "image_mean"],
         "max_pixels": None,
+        "projector": "train",
         "trust_remote_code": False,
         "enabled": True,
     }

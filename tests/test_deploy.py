@@ -50,7 +50,10 @@ def tiny_config() -> dict:
             "test_per_class": 1,
         },
         "models": {"tiny-llava": {"recipe": "tiny-llava", "num_layers": 2, "device": "cpu", "batch_size": 8}},
-        "prompts": {"anchor": {"id": "anchor", "text": "Does this image show clothing? Answer yes or no.", "expected": "yes"}},
+        "prompts": {
+            "anchor": {"id": "anchor", "text": "Does this image show clothing? Answer yes or no.", "expected": "yes"},
+            "variants": [{"id": "neg", "family": "negation", "text": "Does this image show an animal? Answer yes or no.", "expected": "no"}],
+        },
         "probe": {"cv_folds": 2, "Cs": [1.0], "max_iter": 100},
         "evaluate": {"n_bootstrap": 20},
     }
@@ -64,7 +67,7 @@ def test_deployed_module_runs_the_tiny_config(tmp_path):
     (project / "workflow" / "Snakefile").write_text(PROJECT_SNAKEFILE.format(snakefile=REPO / "workflow" / "Snakefile"))
     (project / "config" / "config.yaml").write_text(yaml.safe_dump(tiny_config(), sort_keys=False))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--workflow-profile", "none"]
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--workflow-profile", "none", "--show-failed-logs"]
     result = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
@@ -72,7 +75,7 @@ def test_deployed_module_runs_the_tiny_config(tmp_path):
     metrics = pl.read_parquet(out / "tiny-llava" / "metrics.parquet")
     assert sorted(metrics["layer"].unique().to_list()) == [0, 1, 2]
     manifest = pl.read_parquet(out / "data" / "manifest.parquet")
-    assert manifest.height == 10 * 3
+    assert manifest.height == 10 * 3 and sorted(metrics["prompt"].unique().to_list()) == ["anchor", "neg"]
     # The images came from the checkout's resources/, the outputs and logs went to the project.
     assert all(Path(p).is_relative_to(REPO / "resources" / "fashion_mnist") for p in manifest["path"])
     assert (project / "logs" / "prepare_dataset.log").is_file()

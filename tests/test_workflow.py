@@ -326,3 +326,24 @@ def test_results_loader_gives_the_run_tables(finished_run, tmp_path):
     every = res.embeddings("tiny-llava", "train").select("run", "layer").collect()
     n_train = len(CLASSES) * cfg["dataset"]["train_per_class"]
     assert every.group_by("run", "layer").len().sort("run", "layer")["len"].to_list() == [n_train] * 6
+
+
+@pytest.mark.slow
+def test_summary_names_the_best_layers_and_answers(finished_run):
+    import polars as pl
+
+    from stagelens.results import load_results
+    from stagelens.summary import summary_text
+
+    workdir, cfg = finished_run
+    text = summary_text(load_results(workdir / "results"), "report.html")
+    metrics = pl.read_parquet(workdir / "results" / "tiny-llava" / "metrics.parquet").filter(pl.col("prompt") == "anchor")
+    for position in ("last", "image_mean"):
+        part = metrics.filter(pl.col("position") == position)
+        top = part["accuracy"].max()
+        layer = part.filter(pl.col("accuracy") == top)["layer"].min()
+        assert f"{position:<10}: layer {layer:>2}/2  accuracy {top:.3f}" in text
+    behaviour = pl.read_parquet(workdir / "results" / "tiny-llava" / "behaviour.parquet")
+    for row in behaviour.iter_rows(named=True):
+        assert f"{row['prompt']:<14} ({row['expected']:>3})  {row['share_yes']:>4.0%}" in text
+    assert "stages (last):" in text and text.endswith("Report: report.html")

@@ -194,6 +194,8 @@ def analysis_targets():
         targets += [
             model_figure_path(model, figure, fmt) for figure in MODEL_FIGURES for fmt in FIGURE_FORMATS
         ]
+    for model in embedded_models():
+        targets += [model_figure_path(model, "projector_loss", fmt) for fmt in FIGURE_FORMATS]
     targets += [depth_panel_path(fmt) for fmt in FIGURE_FORMATS]
     return targets
 

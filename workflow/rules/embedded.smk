@@ -1,15 +1,30 @@
 # The embedded default model (recipe: embedded): SmolLM2-135M-Instruct dequantised from its Q4 GGUF,
-# an EfficientNet-Lite0 patch encoder, and a projector trained here on the training split.
-#   export_lm -> train_projector -> build_embedded_model -> <results>/models/{model}/
+# an EfficientNet-Lite0 patch encoder, and a projector (shipped, or trained here on the training split).
+#   export_lm -> [train_projector] -> build_embedded_model -> <results>/models/{model}/
 # The {model} wildcard is constrained to the config's embedded models, so these rules never
 # compete with build_model (tiny recipes, models.smk) for the same checkpoint directory.
 
 
-# The projector recipe (~4 minutes on 2 idle CPU cores); changing a value retrains the projector.
+# The projector recipe (the defaults of stagelens.builders.projector_training.TrainSettings);
+# changing a value retrains a `projector: train` model. `projector: shipped` uses the weights this
+# recipe gave on the default config's Fashion-MNIST training split, kept in resources/embedded/
+# with their training record by `make projector` (the same on every machine, no training time).
 PROJECTOR_TRAINING = dict(
     steps=100, batch_size=8, learning_rate=1e-3, weight_decay=0.0, warmup_steps=10, yes_no_share=0.5,
     seed=config["seed"],
 )
+SHIPPED_PROJECTOR = {
+    "projector": os.path.join(STAGELENS_ROOT, "resources", "embedded", "projector.safetensors"),
+    "training": os.path.join(STAGELENS_ROOT, "resources", "embedded", "projector_training.json"),
+}
+
+
+def projector_path(model, kind="projector"):
+    """The projector a build uses: the shipped one or the one trained here (kind: projector | training)."""
+    if MODELS[model]["projector"] == "shipped":
+        return SHIPPED_PROJECTOR[kind]
+    ext = "safetensors" if kind == "projector" else "json"
+    return f"{RESULTS}/cache/embedded/{model}/{'projector' if kind == 'projector' else 'projector_training'}.{ext}"
 
 
 rule export_lm:
@@ -38,12 +53,6 @@ rule train_projector:
     output:
         projector=f"{RESULTS}/cache/embedded/{{model}}/projector.safetensors",
         training=f"{RESULTS}/cache/embedded/{{model}}/projector_training.json",
-        figure_png=report(
-            model_figure_path("{model}", "projector_loss", "png"),
-            category="Embedded model",
-            labels={"model": "{model}", "figure": "projector training loss"},
-        ),
-        figure_svg=model_figure_path("{model}", "projector_loss", "svg"),
     params:
         settings=PROJECTOR_TRAINING,
     wildcard_constraints:
@@ -62,12 +71,40 @@ rule train_projector:
         "../../scripts/train_projector.py"
 
 
+rule projector_figure:
+    """The loss curve of the projector the embedded model uses (shipped or trained here)."""
+    input:
+        training=lambda wildcards: projector_path(wildcards.model, "training"),
+    output:
+        png=report(
+            model_figure_path("{model}", "projector_loss", "png"),
+            category="Embedded model",
+            labels={"model": "{model}", "figure": "projector training loss"},
+        ),
+        svg=model_figure_path("{model}", "projector_loss", "svg"),
+        json=model_figure_path("{model}", "projector_loss", "vl.json"),
+    params:
+        source=lambda wildcards: MODELS[wildcards.model]["projector"],
+    wildcard_constraints:
+        model=alternation(embedded_models()),
+    log:
+        log_path("projector_figure", "{model}"),
+    threads: 1
+    resources:
+        mem_mb=1024,
+        runtime=5,
+    conda:
+        STAGELENS_ENV
+    script:
+        "../../scripts/projector_figure.py"
+
+
 rule build_embedded_model:
     """Assemble vision encoder + trained projector + LM + tokenizer into one checkpoint directory."""
     input:
         lm=rules.export_lm.output[0],
-        projector=rules.train_projector.output.projector,
-        training=rules.train_projector.output.training,
+        projector=lambda wildcards: projector_path(wildcards.model),
+        training=lambda wildcards: projector_path(wildcards.model, "training"),
     output:
         directory(model_dir("{model}")),
     wildcard_constraints:

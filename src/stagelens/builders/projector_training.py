@@ -12,6 +12,7 @@ Vision features are computed once, up front.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -27,6 +28,8 @@ from stagelens.adapters.efficientnet_vision import pretrained_state_dict
 from stagelens.adapters.embedded import EmbeddedMLLM
 from stagelens.atomic import atomic_path
 from stagelens.builders.embedded import assemble
+from stagelens.dataset import manifest_metadata
+from stagelens.extract import Sample, load_image, read_split
 
 # Instructions the caption follows; none of them is one of the probing prompts of config.yaml.
 CAPTION_INSTRUCTIONS = (
@@ -48,7 +51,7 @@ UNRELATED_OBJECTS = ("a car", "a house", "a tree", "a boat", "a chair", "a cup",
 class TrainSettings:
     """Hyper-parameters of the projector recipe (recorded in the checkpoint)."""
 
-    steps: int = 120
+    steps: int = 100
     batch_size: int = 8
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -128,8 +131,12 @@ def train_projector(
     class_names: Sequence[str],
     labels: np.ndarray,
     settings: TrainSettings,
+    stop_after: int | None = None,
 ) -> dict[str, object]:
-    """Train model.projector in place; returns the loss history and timing."""
+    """Train model.projector in place; returns the loss history and timing.
+
+    `stop_after` runs only the first steps of the same schedule (to check a recipe's start cheaply).
+    """
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     for module in (model.lm, model.vision):
@@ -153,7 +160,7 @@ def train_projector(
     started = time.perf_counter()
     order = rng.permutation(len(labels))
     cursor = 0
-    for _ in tqdm(range(settings.steps), desc="projector", unit="step"):
+    for _ in tqdm(range(settings.steps if stop_after is None else min(stop_after, settings.steps)), desc="projector", unit="step"):
         if cursor + settings.batch_size > len(order):
             order, cursor = rng.permutation(len(labels)), 0
         index = order[cursor : cursor + settings.batch_size]
@@ -181,43 +188,40 @@ def train_projector(
     }
 
 
-def training_split(manifest_path: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:
-    """(image paths, labels, class names indexed by label) of the manifest's train split, by sample id."""
-    import polars as pl
-
-    manifest = pl.read_parquet(manifest_path).filter(pl.col("split") == "train").sort("sample_id")
-    if manifest.height == 0:
-        raise ValueError(f"{manifest_path}: no rows with split == 'train'")
-    classes = manifest.select("label", "class_name").unique().sort("label")
-    class_names = dict(zip(classes["label"].to_list(), classes["class_name"].to_list()))
-    names = [class_names.get(i, "") for i in range(max(class_names) + 1)]
-    return manifest["path"].to_list(), manifest["label"].to_numpy(), names
+def training_split(manifest_path: str | os.PathLike) -> tuple[list[Sample], list[str]]:
+    """(the manifest's train split sorted by sample id, class names indexed by label)."""
+    samples = sorted(read_split(manifest_path, "train"), key=lambda s: s.sample_id)
+    return samples, [c["name"] for c in manifest_metadata(manifest_path)["classes"]]
 
 
 def train_from_manifest(
-    lm_dir: str | os.PathLike, manifest_path: str | os.PathLike, settings: TrainSettings
+    lm_dir: str | os.PathLike, manifest_path: str | os.PathLike, settings: TrainSettings, stop_after: int | None = None
 ) -> tuple[EmbeddedMLLM, dict[str, object]]:
     """The train_projector job: a fresh embedded model around the exported LM, its projector
-    trained on the manifest's train split; returns the model and the training history."""
+    trained on the manifest's train split (images from files or Parquet/Arrow rows); returns the
+    model and the training history, which names the training images by a digest of their ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    paths, labels, names = training_split(manifest_path)
+    samples, names = training_split(manifest_path)
     lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
     model = assemble(lm, AutoTokenizer.from_pretrained(lm_dir), pretrained_state_dict(), seed=settings.seed)
-    features = vision_features(model, [Image.open(path).convert("RGB") for path in paths])
-    history = train_projector(model, features, names, labels, settings)
-    history["manifest"] = str(manifest_path)
-    history["class_names"] = names
+    features = vision_features(model, [load_image(s.image) for s in samples])
+    history = train_projector(model, features, names, np.array([s.label for s in samples]), settings, stop_after)
+    ids = "\n".join(s.sample_id for s in samples).encode("utf-8")
+    history.update(manifest=str(manifest_path), class_names=names, train_sample_ids_sha256=hashlib.sha256(ids).hexdigest())
     return model, history
 
 
 def save_projector(model: EmbeddedMLLM, history: dict[str, object], projector_path: str | os.PathLike,
                    training_path: str | os.PathLike) -> None:
-    """The projector weights (safetensors) and the training history (JSON), each written atomically."""
-    from safetensors.torch import save_file
+    """The projector weights (safetensors) and the training history (JSON, with the weights file's
+    sha256 so that the two stay paired), each written atomically."""
+    from safetensors.torch import save
 
     state = {name: tensor.detach().contiguous() for name, tensor in model.projector.state_dict().items()}
+    data = save(state)
     with atomic_path(projector_path) as tmp:
-        save_file(state, str(tmp))
+        tmp.write_bytes(data)
+    record = {**history, "projector_sha256": hashlib.sha256(data).hexdigest()}
     with atomic_path(training_path) as tmp:
-        tmp.write_text(json.dumps(history, indent=2) + "\n")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")

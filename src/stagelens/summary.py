@@ -1,0 +1,73 @@
+"""A one-screen text summary of a finished run, printed at the end of `make run`:
+per model, the best anchor-probe layer per token position, the detected stages, the model's own
+answer shares per prompt, and where the report and figures are.
+
+    python -m stagelens.summary results [results/report.html]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from stagelens.results import Results, load_results
+
+
+def best_layers(metrics: pl.DataFrame) -> pl.DataFrame:
+    """Per model x position, the layer where the anchor probe is most accurate (the shallowest on ties)."""
+    anchor = metrics.filter(pl.col("family") == "anchor")
+    return (
+        anchor.sort("model", "position", pl.col("accuracy"), pl.col("layer"), descending=[False, False, True, False])
+        .group_by("model", "position", maintain_order=True)
+        .first()
+        .select("model", "position", "layer", "num_layers", "accuracy", "accuracy_ci_low", "accuracy_ci_high")
+    )
+
+
+def _stage_text(stages: pl.DataFrame) -> str:
+    found = stages.filter(pl.col("detected")).sort("order")
+    if found.is_empty():
+        return "none detected"
+    return ", ".join(f"{r['stage'].replace('_', ' ')} {r['start_layer']}-{r['end_layer']}" for r in found.iter_rows(named=True))
+
+
+def summary_text(res: Results, report: str | None = None) -> str:
+    """The summary of every model of the runs (one block per model)."""
+    metrics, stages, behaviour = res.metrics, res.stages, res.behaviour
+    best = best_layers(metrics)
+    lines: list[str] = []
+    for model in best["model"].unique(maintain_order=True).to_list():
+        lines.append(f"== {model}")
+        for row in best.filter(pl.col("model") == model).iter_rows(named=True):
+            lines.append(
+                f"   best anchor probe, {row['position']:<10}: layer {row['layer']:>2}/{row['num_layers']}"
+                f"  accuracy {row['accuracy']:.3f} [{row['accuracy_ci_low']:.3f}, {row['accuracy_ci_high']:.3f}]"
+            )
+        for position in stages.filter(pl.col("model") == model)["position"].unique(maintain_order=True).to_list():
+            part = stages.filter((pl.col("model") == model) & (pl.col("position") == position))
+            lines.append(f"   stages ({position}): {_stage_text(part)}")
+        lines.append("   the model's answers:        yes    no     1     0   agrees")
+        for row in behaviour.filter(pl.col("model") == model).iter_rows(named=True):
+            shares = "  ".join(f"{row[f'share_{w}']:>4.0%}" for w in ("yes", "no", "1", "0"))
+            lines.append(f"     {row['prompt']:<14} ({row['expected']:>3})  {shares}   {row['agreement']:>4.0%}")
+    roots = sorted({str(p) for p in res.runs.values()})
+    lines.append(f"Tables: {', '.join(f'{r}/<model>/{{metrics,stages,behaviour}}.parquet' for r in roots)}")
+    lines.append(f"Figures: {', '.join(f'{r}/figures/' for r in roots)}")
+    if report:
+        lines.append(f"Report: {report}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not 1 <= len(argv) <= 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    report = argv[1] if len(argv) == 2 and Path(argv[1]).exists() else None
+    print(summary_text(load_results(argv[0]), report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
