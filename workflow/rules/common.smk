@@ -208,3 +208,19 @@ def all_targets():
 def embedded_models():
     """Models built by the embedded recipe (rules in embedded.smk)."""
     return [name for name, m in MODELS.items() if m.get("recipe") == EMBEDDED_RECIPE]
+
+
+# The projector's weights and training record: shipped in resources/embedded/ (`make projector`
+# puts them there) or trained by rule train_projector under the results' cache.
+PROJECTOR_FILES = {"projector": "projector.safetensors", "training": "projector_training.json"}
+
+
+def trained_projector_path(model, kind="projector"):
+    return f"{RESULTS}/cache/embedded/{model}/{PROJECTOR_FILES[kind]}"
+
+
+def projector_path(model, kind="projector"):
+    """The projector a build uses (kind: projector | training), as the model's `projector:` says."""
+    if MODELS[model]["projector"] == "shipped":
+        return os.path.join(STAGELENS_ROOT, "resources", "embedded", PROJECTOR_FILES[kind])
+    return trained_projector_path(model, kind)

@@ -13,18 +13,6 @@ PROJECTOR_TRAINING = dict(
     steps=100, batch_size=8, learning_rate=1e-3, weight_decay=0.0, warmup_steps=10, yes_no_share=0.5,
     seed=config["seed"],
 )
-SHIPPED_PROJECTOR = {
-    "projector": os.path.join(STAGELENS_ROOT, "resources", "embedded", "projector.safetensors"),
-    "training": os.path.join(STAGELENS_ROOT, "resources", "embedded", "projector_training.json"),
-}
-
-
-def projector_path(model, kind="projector"):
-    """The projector a build uses: the shipped one or the one trained here (kind: projector | training)."""
-    if MODELS[model]["projector"] == "shipped":
-        return SHIPPED_PROJECTOR[kind]
-    ext = "safetensors" if kind == "projector" else "json"
-    return f"{RESULTS}/cache/embedded/{model}/{'projector' if kind == 'projector' else 'projector_training'}.{ext}"
 
 
 rule export_lm:
@@ -51,8 +39,8 @@ rule train_projector:
         lm=rules.export_lm.output[0],
         manifest=manifest_path(),
     output:
-        projector=f"{RESULTS}/cache/embedded/{{model}}/projector.safetensors",
-        training=f"{RESULTS}/cache/embedded/{{model}}/projector_training.json",
+        projector=trained_projector_path("{model}"),
+        training=trained_projector_path("{model}", "training"),
     params:
         settings=PROJECTOR_TRAINING,
     wildcard_constraints:
