@@ -125,6 +125,8 @@ def objects(node: dict) -> st.SearchStrategy[dict]:
 def valid_configs(draw) -> dict:
     """A config from the schema, then made to pass the cross-field rules (which the schema cannot say)."""
     cfg = draw(instances(SCHEMA))
+    if cfg["dataset"].get("format") == "imagenet_val" and not cfg["dataset"].get("labels"):
+        cfg["dataset"]["labels"] = "LOC_val_solution.csv"  # the schema's if/then: that layout needs its label file
     declared = cfg["prompts"].get("families", [])
     families = st.sampled_from([*BUILTIN_FAMILIES, *declared])
     cfg["prompts"]["anchor"]["family"] = draw(families) if "family" in cfg["prompts"]["anchor"] else "anchor"
