@@ -74,7 +74,7 @@ def fault_config(images: Path) -> dict:
 
 
 def command(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
             "--configfile", str(workdir / "config.yaml"), *PROFILE, *args]
 
 
