@@ -10,5 +10,6 @@ import polars as pl  # noqa: E402
 
 from stagelens.figures import depth_panel_chart, save_chart  # noqa: E402
 
-chart = depth_panel_chart([pl.read_parquet(p) for p in smk.input.metrics], [pl.read_parquet(p) for p in smk.input.stages])
+chart = depth_panel_chart([pl.read_parquet(p) for p in smk.input.metrics], [pl.read_parquet(p) for p in smk.input.stages],
+                          [pl.read_parquet(p) for p in smk.input.get("onsets", [])])
 save_chart(chart, Path(smk.output.svg).with_suffix(""))  # depth_panel.svg -> stem; every format is written

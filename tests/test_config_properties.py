@@ -136,6 +136,9 @@ def valid_configs(draw) -> dict:
         while variant["id"].casefold() in ids:
             variant["id"] += f"_{i}"
         ids.add(variant["id"].casefold())
+    if cfg.get("patching", {}).get("variants"):
+        known = [v["id"] for v in cfg["prompts"].get("variants", [])]
+        cfg["patching"]["variants"] = known[: len(cfg["patching"]["variants"])] or None
     models, seen = {}, set()
     for name, model in cfg["models"].items():
         if rule_suffix(name).casefold() in seen:
@@ -264,10 +267,14 @@ def cross_field_break(cfg: dict, which: str) -> tuple[dict, str, str]:
     if which == "half vectors of a float32 model":
         model.update(dtype="float32", vector_dtype="float16")
         return cfg, f"models.{name}.vector_dtype", "need a 16-bit model dtype"
+    if which == "unknown patching variant":
+        cfg.setdefault("patching", {})["variants"] = [prompts["anchor"]["id"]]
+        return cfg, "patching.variants[0]", "is not a variant id"
     raise AssertionError(which)
 
 
-CROSS_FIELD = ("unknown family", "case collision", "recipe and path", "layer too deep", "half vectors of a float32 model")
+CROSS_FIELD = ("unknown family", "case collision", "recipe and path", "layer too deep", "half vectors of a float32 model",
+               "unknown patching variant")
 
 
 def assert_names_key(cfg: dict, key: str, text: str) -> str:

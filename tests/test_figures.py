@@ -135,3 +135,26 @@ def test_job_functions_name_their_charts():
     curve = loss_chart([3.0, 2.0, 1.5], "loss").to_dict()
     values = next(iter(curve["datasets"].values()))
     assert [v["loss"] for v in values] == [3.0, 2.0, 1.5] and [v["step"] for v in values] == [1, 2, 3]
+
+
+def test_patching_chart_and_depth_panel_mark_causal_onsets(tmp_path):
+    from stagelens.aggregate import patching_summary
+    from test_patching import synthetic_scores
+
+    from stagelens.figures import patching_chart
+
+    stages = stages_table(_metrics("a", 4), 4, 0.05, 0.05)
+    curves, onsets = patching_summary([(synthetic_scores([0.0, 0.1, 0.2, 0.9, 1.0]), 4)],
+                                      [{"id": "neg_plane", "family": "negation", "expected": "no"}], stages, "a",
+                                      n_bootstrap=100, ci=0.95, seed=0)
+    spec = _save_and_load(patching_chart(curves, onsets, "patching"), tmp_path, "patching")
+    units = [_fields(u) | {"mark": _mark(u)} for u in _spec_layers(spec)]
+    assert any(u["mark"] == "line" and u["x"] == "layer" and u["y"] == "restored" for u in units)
+    onset_units = [u for u in _spec_layers(spec) if u.get("transform") and "onset_layer" in json.dumps(u["transform"])]
+    assert len(onset_units) == 1 and _mark(onset_units[0]) == "point"
+    assert any("causal onset layer 3" in line for line in spec["title"]["subtitle"])
+    panel = _save_and_load(depth_panel(_metrics("a", 4), stages, "last", onsets), tmp_path, "depth_panel")
+    rules = [_fields(u) for u in _spec_layers(panel) if _mark(u) == "rule" and "x" in u.get("encoding", {})]
+    assert {"onset"} <= {r["x"] for r in rules}
+    rows = [r for d in panel["datasets"].values() for r in d if "onset" in r]
+    assert [r["onset"] for r in rows] == [0.75]

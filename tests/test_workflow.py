@@ -208,6 +208,13 @@ def test_shipped_config_dry_run(name, tmp_path):
         assert counts["extract_" + re.sub(r"[^A-Za-z0-9_]", "_", model)] == 1 + n_prompts
     assert counts["prepare_dataset"] == 1
     assert analysis_part(counts) == expected_analysis(n_layers, n_prompts)
+    patching = cfg.get("patching", {})
+    if patching.get("enabled"):
+        n_patched = len(patching.get("variants") or cfg["prompts"]["variants"])
+        assert counts["patch"] == len(models) * n_patched
+        assert counts["aggregate_patching"] == counts["patching_figure"] == len(models)
+    else:
+        assert "patch" not in counts
 
 
 # --- a real run -------------------------------------------------------------------------------
@@ -347,3 +354,26 @@ def test_summary_names_the_best_layers_and_answers(finished_run):
     for row in behaviour.iter_rows(named=True):
         assert f"{row['prompt']:<14} ({row['expected']:>3})  {row['share_yes']:>4.0%}" in text
     assert "stages (last):" in text and text.endswith("Report: report.html")
+
+
+@pytest.mark.slow
+def test_patching_adds_only_its_jobs_and_writes_its_outputs(finished_run, tmp_path):
+    workdir, cfg = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run, symlinks=True)
+    patched = {**cfg, "patching": {"enabled": True, "images": 1, "seed": 0}}
+    configfile = write_config(run, patched, "patching.yaml")
+    counts = job_counts(snakemake(run, configfile, "--dry-run", "--quiet", "rules"))
+    assert counts == {"patch": 1, "aggregate_patching": 1, "patching_figure": 1, "depth_panel": 1, "all": 1}
+    result = snakemake(run, configfile, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    res = run / "results" / "tiny-llava"
+    scores = pq.read_table(res / "patching" / "lex_picture.parquet")
+    assert scores.num_rows == len(CLASSES) * 1 * 2 * 3  # images x directions x layers
+    for table in ("patching", "causal_onsets"):
+        assert (res / f"{table}.parquet").is_file()
+    for fmt in ("png", "svg", "vl.json"):
+        assert (run / "results" / "figures" / "tiny-llava" / f"patching.{fmt}").is_file()
+    log = (run / "logs" / "patch" / "tiny-llava" / "lex_picture.log").read_text()
+    assert "images_per_second=" in log and "model_calls=" in log and "naive_forwards=" in log
+    assert (run / "benchmarks" / "patch" / "tiny-llava" / "lex_picture.tsv").is_file()

@@ -9,6 +9,7 @@ import polars as pl
 
 from stagelens.adapters.base import ANSWER_WORDS
 from stagelens.atomic import atomic_path
+from stagelens.causal import patching_tables
 from stagelens.stages import detect_stages, layer_reactions
 
 # The answers a prompt can expect: ANSWER_WORDS case-folded ("Yes" counts as "yes"), in order.
@@ -16,6 +17,9 @@ ANSWER_CLASSES = tuple(dict.fromkeys(word.lower() for word in ANSWER_WORDS))
 # The answers-file probability columns of each class, e.g. yes -> (p_yes, p_Yes).
 _PROBABILITY_COLUMNS = {c: tuple(f"p_{w}" for w in ANSWER_WORDS if w.lower() == c) for c in ANSWER_CLASSES}
 KEYS = ("model", "position", "layer", "prompt")
+# The probing stage each variant family opens (stages.STAGE_LABEL, read by family), set beside
+# that family's causal onset; the probing stages are read at the last token, where patching acts.
+FAMILY_STAGE = {"lexical": "lexical_integration", "negation": "semantic_reasoning", "format": "answer_decoding"}
 # Identifying columns first, metrics after, in the order a reader scans a row.
 LEADING = ("model", "model_id", "revision", "position", "layer", "num_layers", "depth", "prompt", "family", "expected")
 
@@ -162,3 +166,49 @@ def write_table(table: pl.DataFrame, path: str | os.PathLike) -> None:
     """A Parquet table (zstd), written whole or not at all."""
     with atomic_path(path) as tmp:
         table.write_parquet(tmp, compression="zstd")
+
+
+def patching_summary(
+    scores: Sequence[tuple[pl.DataFrame, int]],
+    prompts: Sequence[Mapping[str, str]],
+    stages: pl.DataFrame,
+    model: str,
+    *,
+    n_bootstrap: int,
+    ci: float,
+    seed: int,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(restored-fraction curves, causal onsets) of one model's patching files, each (table, num_layers).
+
+    Each onset row carries the probing stage its family opens (FAMILY_STAGE) at the last token:
+    its first layer, and `readings_agree` = that layer lies within the causal onset's CI
+    (null when either reading has no onset).
+    """
+    if len(scores) != len(prompts):
+        raise ValueError(f"{len(scores)} patching files for {len(prompts)} prompts")
+    curves, onsets = [], []
+    for (table, num_layers), prompt in zip(scores, prompts):
+        curve, onset = patching_tables(table, dict(prompt), num_layers, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+        curves.append(curve)
+        onsets.append(onset)
+    probing = stages.filter((pl.col("position") == "last") & pl.col("detected")).select(
+        pl.col("stage").alias("probing_stage"), pl.col("start_layer").alias("probing_onset_layer")
+    )
+    onset_table = (
+        pl.concat(onsets, how="diagonal_relaxed")
+        .with_columns(pl.col("family").replace_strict(FAMILY_STAGE, default=None).alias("probing_stage"))
+        .join(probing, on="probing_stage", how="left")
+        .with_columns(
+            pl.when(pl.col("onset_ci_low").is_null() | pl.col("probing_onset_layer").is_null())
+            .then(None)
+            .otherwise(
+                (pl.col("probing_onset_layer") >= pl.col("onset_ci_low"))
+                & (pl.col("probing_onset_layer") <= pl.col("onset_ci_high").fill_null(float("inf")))
+            )
+            .alias("readings_agree"),
+            pl.lit(model).alias("model"),
+        )
+    )
+    curve_table = pl.concat(curves, how="diagonal_relaxed").with_columns(pl.lit(model).alias("model"))
+    return (curve_table.select("model", pl.exclude("model")).sort("prompt", "position", "direction", "layer"),
+            onset_table.select("model", pl.exclude("model")).sort("prompt", "position", "direction"))

@@ -85,6 +85,15 @@ def all_prompts(config: Mapping[str, Any]) -> list[dict]:
     return [prompts["anchor"], *prompts.get("variants", [])]
 
 
+def patched_variants(config: Mapping[str, Any]) -> list[dict]:
+    """The variants patched against the anchor: none unless patching is enabled; all by default."""
+    patching = config.get("patching", {})
+    if not patching.get("enabled"):
+        return []
+    chosen = patching.get("variants")
+    return [v for v in config["prompts"].get("variants", []) if chosen is None or v["id"] in chosen]
+
+
 def rule_suffix(model_name: str) -> str:
     """A model name made into a Python identifier, for per-model rule names (extract_<suffix>)."""
     return re.sub(r"[^A-Za-z0-9_]", "_", model_name)
@@ -162,6 +171,10 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
                     "both would name one output folder on a case-insensitive file system")
         else:
             seen[path_key(pid)] = (f"prompts.variants[{i}]", pid)
+    variant_ids = [v["id"] for v in config["prompts"].get("variants", [])]
+    for i, pid in enumerate(config.get("patching", {}).get("variants") or []):
+        if pid not in variant_ids:
+            err(["patching", "variants", i], f"{pid!r} is not a variant id; variants: {', '.join(variant_ids) or 'none'}")
     return messages + _family_messages(config)
 
 

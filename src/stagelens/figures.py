@@ -188,8 +188,57 @@ def answers_chart(behaviour: pl.DataFrame, title: str) -> alt.Chart:
         title, subtitle="the model's own next-token answer per test image (case-folded)"))
 
 
-def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> alt.VConcatChart:
-    """Drop vs normalised depth per model (one row each), the detected stages shaded behind."""
+def patching_chart(curves: pl.DataFrame, onsets: pl.DataFrame, title: str) -> alt.Chart:
+    """Restored fraction of the anchor-variant answer gap by patched layer, per variant (colour),
+    one panel per direction (columns) and patched position (rows); CI bands; the onset threshold
+    dashed; each variant's causal onset as a triangle."""
+    keys = ["prompt", "position", "direction"]
+    data = _series(curves.join(onsets.select(*keys, "onset_layer"), on=keys, how="left"))
+    color = alt.Color("series:N", title="variant (family)", scale=_series_colors(data), sort=_series_order(data))
+    x = alt.X("layer:Q", title="patched layer", axis=alt.Axis(tickMinStep=1, format="d"))
+    band = alt.Chart().mark_area(opacity=0.15).encode(x=x, y="restored_ci_low:Q", y2="restored_ci_high:Q", color=color)
+    lines = alt.Chart().mark_line(point=alt.OverlayMarkDef(size=18)).encode(
+        x=x,
+        y=alt.Y("restored:Q", title="share of the answer gap restored"),
+        color=color,
+        tooltip=["series", "direction", "layer", alt.Tooltip("restored:Q", format=".2f"),
+                 alt.Tooltip("restored_ci_low:Q", format=".2f"), alt.Tooltip("restored_ci_high:Q", format=".2f"), "n"],
+    )
+    # Every layer reads the one faceted data set; the onset is the row whose layer is its onset.
+    onset = alt.Chart().transform_filter("datum.layer === datum.onset_layer").mark_point(
+        shape="triangle-down", size=140, filled=True, yOffset=-10
+    ).encode(x=x, y="restored:Q", color=color, tooltip=["series", "direction", alt.Tooltip("onset_layer:Q", title="causal onset")])
+    threshold = alt.Chart().mark_rule(color="#555555", strokeDash=[5, 3]).encode(y=alt.datum(float(onsets["threshold"][0])))
+    zero = alt.Chart().mark_rule(color="#bbbbbb").encode(y=alt.datum(0.0))
+    chart = alt.layer(band, lines, onset, threshold, zero).properties(width=280, height=200).facet(
+        column=alt.Column("direction:N", title="patched direction (source_to_target)"),
+        row=alt.Row("position:N", title="patched position"),
+        data=data,
+    )
+    return chart.properties(title=alt.Title(title, subtitle=_onset_subtitle(onsets)))
+
+
+def _onset_subtitle(onsets: pl.DataFrame) -> list[str]:
+    """One line per variant x direction x position: the causal onset with its CI, the probing onset beside it."""
+    lines = ["bands: bootstrap CI over images; dashed: the onset threshold (half the gap)"]
+    for row in onsets.sort("prompt", "position", "direction").iter_rows(named=True):
+        if row["onset_layer"] is None:
+            text = "no onset" if row["has_gap"] else "no gap (the variant does not move the answer)"
+        else:
+            high = "beyond L" if row["onset_ci_high"] is None else f"{row['onset_ci_high']:g}"
+            text = f"causal onset layer {row['onset_layer']} (CI {row['onset_ci_low']:g}-{high})"
+        probing = row.get("probing_onset_layer")
+        if row.get("probing_stage"):
+            text += f"; probing {row['probing_stage']}: " + ("not detected" if probing is None else f"layer {probing}")
+        lines.append(f"{row['prompt']} {row['direction']} [{row['position']}]: {text}")
+    return lines
+
+
+def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str,
+                onsets: pl.DataFrame | None = None) -> alt.VConcatChart:
+    """Drop vs normalised depth per model (one row each), the detected stages shaded behind; with
+    `onsets`, each patched variant's causal onset (anchor_to_variant, last token) as a vertical
+    rule in the variant's colour, its CI as a bar along the top."""
     variants = _series(metrics.filter((pl.col("position") == position) & (pl.col("family") != "anchor")))
     color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(variants), sort=_series_order(variants))
     # One y range for all models (comparable rows), never narrower than -0.05..0.1.
@@ -223,13 +272,33 @@ def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> a
             tooltip=["series", "layer", alt.Tooltip("depth:Q", format=".2f"), alt.Tooltip("drop:Q", format=".3f")],
         )
         zero = alt.Chart(pl.DataFrame({"y": [0.0]})).mark_rule(color="#555555").encode(y="y:Q")
-        rows.append(alt.layer(shade, zero, lines).properties(
+        layers = [shade, zero, lines]
+        if onsets is not None:
+            causal = _series(onsets.filter(
+                (pl.col("model") == model) & (pl.col("position") == "last")
+                & (pl.col("direction") == "anchor_to_variant") & pl.col("onset_layer").is_not_null()
+            )).with_columns(
+                (pl.col("onset_layer") / num_layers).alias("onset"),
+                (pl.col("onset_ci_low") / num_layers).alias("ci0"),
+                (pl.col("onset_ci_high").fill_null(float(num_layers)) / num_layers).alias("ci1"),
+            ).select("series", "onset_layer", "onset", "ci0", "ci1", "probing_stage", "probing_onset_layer")
+            if not causal.is_empty():
+                rule_color = alt.Color("series:N", scale=_series_colors(variants), sort=_series_order(variants), legend=None)
+                tooltip = ["series", "onset_layer", "probing_stage", "probing_onset_layer"]
+                layers.append(alt.Chart(causal).mark_rule(strokeDash=[6, 2], strokeWidth=2).encode(
+                    x="onset:Q", color=rule_color, tooltip=tooltip))
+                layers.append(alt.Chart(causal).mark_rule(strokeWidth=5, opacity=0.6).encode(
+                    x="ci0:Q", x2="ci1:Q", y=alt.datum(y_scale.domain[1]), color=rule_color, tooltip=tooltip))
+        rows.append(alt.layer(*layers).properties(
             width=460, height=150, title=f"{model} (L = {num_layers}, position {position})"))
     if not rows:
         raise ValueError(f"no metrics rows for position {position!r}")
+    subtitle = ["shaded: detected stages (probing); x: layer / number of decoder blocks"]
+    if onsets is not None:
+        subtitle.append("dashed rules: causal onsets (patching the anchor into the variant at the last token "
+                        "restores half the answer gap from there on); bars on top: their CIs")
     return alt.vconcat(*rows).properties(
-        title=alt.Title("Accuracy drop against the anchor across models",
-                        subtitle="shaded: detected stages; x: layer / number of decoder blocks")
+        title=alt.Title("Accuracy drop against the anchor across models", subtitle=subtitle)
     )
 
 
@@ -243,12 +312,16 @@ def model_charts(metrics: pl.DataFrame, behaviour: pl.DataFrame, model: str, alp
     }
 
 
-def depth_panel_chart(metrics: Sequence[pl.DataFrame], stages: Sequence[pl.DataFrame]) -> alt.VConcatChart:
-    """The depth_panel job: every model's drop on normalised depth, at the `last` position if probed."""
+def depth_panel_chart(
+    metrics: Sequence[pl.DataFrame], stages: Sequence[pl.DataFrame], onsets: Sequence[pl.DataFrame] = ()
+) -> alt.VConcatChart:
+    """The depth_panel job: every model's drop on normalised depth, at the `last` position if probed;
+    with the models' causal onsets tables where patching ran."""
     metrics_all = pl.concat(list(metrics), how="diagonal_relaxed")
     stages_all = pl.concat(list(stages), how="diagonal_relaxed")
+    onsets_all = pl.concat(list(onsets), how="diagonal_relaxed") if onsets else None
     positions = metrics_all["position"].unique().to_list()
-    return depth_panel(metrics_all, stages_all, "last" if "last" in positions else sorted(positions)[0])
+    return depth_panel(metrics_all, stages_all, "last" if "last" in positions else sorted(positions)[0], onsets_all)
 
 
 def loss_chart(losses: Sequence[float], title: str) -> alt.Chart:

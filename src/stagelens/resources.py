@@ -108,3 +108,14 @@ def probe_runtime(probe: Mapping[str, Any], classes: int, train_per_class: int, 
     """Minutes for one probe job: train images x classes x positions x C grid (+1: the refit and control)."""
     work = max(classes, 2) ** 2 * train_per_class * positions * (len(probe["Cs"]) + 1)
     return 10 + math.ceil(work / 100_000)
+
+
+def patch_runtime(model: Mapping[str, Any], images: int, layers: int) -> int:
+    """Minutes for one patching job: per image about layers x half an extraction pass (two
+    directions of suffix-only passes, the shared prefix run once)."""
+    return extract_runtime(model, math.ceil(images * layers / 2))
+
+
+def patch_mem_mb(model: Mapping[str, Any]) -> int:
+    """Extraction's memory twice over: every layer's patched copy holds its own prefix KV cache."""
+    return 2 * extract_mem_mb(model)

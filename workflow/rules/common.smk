@@ -16,6 +16,7 @@ from stagelens.config import (
     all_prompts,
     enabled_models,
     load_config,
+    patched_variants,
     rule_suffix,
 )
 from stagelens.spec import model_layers
@@ -43,6 +44,7 @@ RESULTS = config["results"]
 MODELS = enabled_models(config)
 PROMPTS = {prompt["id"]: prompt for prompt in all_prompts(config)}
 ANCHOR = config["prompts"]["anchor"]["id"]
+PATCHED = [variant["id"] for variant in patched_variants(config)]  # empty unless patching.enabled
 # stagelens.figures.FORMATS (not imported: altair would cost seconds per parse; a test holds them equal)
 FIGURE_FORMATS = ("png", "svg", "vl.json")
 MODEL_FIGURES = ("accuracy", "drop_heatmap", "answers")
@@ -93,8 +95,13 @@ def metrics_path(model, prompt, layer):
 
 
 def aggregate_path(model, table):
-    """table: metrics | stages | behaviour."""
+    """table: metrics | stages | behaviour | patching | causal_onsets."""
     return f"{RESULTS}/{model}/{table}.parquet"
+
+
+def patching_path(model, prompt):
+    """Per-image answer scores of one model x variant patching job."""
+    return f"{RESULTS}/{model}/patching/{prompt}.parquet"
 
 
 def model_figure_path(model, figure, fmt):
@@ -200,9 +207,21 @@ def analysis_targets():
     return targets
 
 
+def patching_targets():
+    """Patching outputs per model (none unless patching.enabled): scores, curves, onsets, figure."""
+    if not PATCHED:
+        return []
+    targets = []
+    for model in MODELS:
+        targets += [patching_path(model, prompt) for prompt in PATCHED]
+        targets += [aggregate_path(model, table) for table in ("patching", "causal_onsets")]
+        targets += [model_figure_path(model, "patching", fmt) for fmt in FIGURE_FORMATS]
+    return targets
+
+
 def all_targets():
     """Everything `snakemake` builds by default."""
-    return extraction_targets() + analysis_targets()
+    return extraction_targets() + analysis_targets() + patching_targets()
 
 
 def embedded_models():

@@ -88,10 +88,13 @@ rule figures:
 
 
 rule depth_panel:
-    """Drop against the anchor on normalised depth for every model, detected stages shaded."""
+    """Drop against the anchor on normalised depth for every model, detected stages shaded, causal
+    onsets marked where patching is enabled."""
     input:
         metrics=[aggregate_path(model, "metrics") for model in MODELS],
         stages=[aggregate_path(model, "stages") for model in MODELS],
+        # Causal onsets from activation patching, where enabled.
+        onsets=[aggregate_path(model, "causal_onsets") for model in MODELS] if PATCHED else [],
     output:
         svg=report(
             depth_panel_path("svg"),
@@ -103,6 +106,7 @@ rule depth_panel:
         json=depth_panel_path("vl.json"),
     params:
         models=MODELS,
+        patching=config["patching"],
         probe=config["probe"],
         evaluate=config["evaluate"],
         stages=config["stages"],

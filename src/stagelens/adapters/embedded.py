@@ -13,6 +13,7 @@ template. Checkpoint directory (model_type "stagelens-embedded"):
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from stagelens.adapters.efficientnet_vision import (
     preprocess,
 )
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index
+from stagelens.adapters.residual_patch import Continuation
 from stagelens.prompts import answer_token_ids
 from stagelens.spec import ModelSpec, resolve_device, torch_dtype
 
@@ -193,7 +195,7 @@ class EmbeddedAdapter(PreparingAdapter):
         self.info = info
         answer_ids = answer_token_ids(model.tokenizer)
         self._answer_ids = [answer_ids[word] for word in ANSWER_WORDS]
-        self._blocks = find_decoder_layers(model.lm)
+        self.blocks = find_decoder_layers(model.lm)
 
     def render_prompt(self, question: str) -> str:
         return self.model.render_prompt(question)
@@ -210,7 +212,7 @@ class EmbeddedAdapter(PreparingAdapter):
         """`forward` on the output of `prepare`."""
         model = self.model
         device = next(model.parameters()).device
-        capture = LayerCapture(self._blocks, layers, positions)
+        capture = LayerCapture(self.blocks, layers, positions)
         input_ids = prepared.input_ids.to(device)
         attention_mask = torch.ones_like(input_ids)
         image_mask = input_ids == model.config.image_token_id
@@ -226,6 +228,52 @@ class EmbeddedAdapter(PreparingAdapter):
             answer_probs=answer_probs.numpy().astype(np.float32),
             n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
         )
+
+    def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str]) -> "EmbeddedPrefixRun":
+        """Run the tokens every question's prompt shares (the image among them) once, with a KV cache."""
+        from stagelens.patching import shared_prefix_length
+
+        model = self.model
+        device = next(model.parameters()).device
+        ids = [model.tokenizer(self.render_prompt(q), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+               for q in questions]
+        shared = shared_prefix_length([x.tolist() for x in ids])
+        image_end = int((ids[0] == model.config.image_token_id).nonzero().max()) + 1
+        if shared < image_end:
+            raise ValueError(f"the prompts differ before the end of the image tokens (token {shared} < {image_end})")
+        if any(len(x) == shared for x in ids):
+            shared -= 1  # every prompt keeps at least its last token to run (and patch)
+        n = len(images)
+        prefix = ids[0][:shared].unsqueeze(0).repeat(n, 1).to(device)
+        with torch.no_grad():
+            embeds = model.inputs_embeds(prefix, model.pixel_values(images))
+            out = model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1)
+        suffixes = [x[shared:].unsqueeze(0).repeat(n, 1) for x in ids]
+        return EmbeddedPrefixRun(model.lm, out.past_key_values, shared, suffixes, self._answer_ids)
+
+
+@dataclass
+class EmbeddedPrefixRun:
+    """The LM's KV cache after the shared prefix; continues any suffix from it (see stagelens.patching)."""
+
+    lm: nn.Module
+    cache: object
+    prefix_length: int
+    suffix_ids: list[torch.Tensor]
+    answer_ids: list[list[int]]  # per ANSWER_WORDS entry, its spellings' token ids
+
+    @torch.no_grad()
+    def continue_with(self, suffix_ids: torch.Tensor, repeat: int) -> Continuation:
+        cache = copy.deepcopy(self.cache)  # the forward appends to its cache; the prefix is reused
+        if repeat > 1:
+            cache.batch_repeat_interleave(repeat)
+        device = next(self.lm.parameters()).device
+        ids = suffix_ids.repeat_interleave(repeat, dim=0).to(device)
+        mask = torch.ones(ids.shape[0], self.prefix_length + ids.shape[1], dtype=torch.long, device=device)
+        logits = self.lm(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        # The same scoring as `forward`: a word's probability is the max over its spellings.
+        log_probs = logits.float().log_softmax(dim=-1)
+        return Continuation(logits, torch.stack([log_probs[:, ids].max(dim=1).values for ids in self.answer_ids], dim=1))
 
 
 def load_embedded_adapter(spec: ModelSpec) -> EmbeddedAdapter:

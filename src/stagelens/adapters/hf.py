@@ -10,6 +10,7 @@ cached decode step per such token.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,6 +22,7 @@ from torch import nn
 
 from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
+from stagelens.adapters.residual_patch import Continuation
 from stagelens.adapters.qwen_processor import load_qwen2_vl_processor, torchvision_available
 from stagelens.prompts import answer_token_paths, build_inputs, render_prompt
 from stagelens.spec import ModelSpec, resolve_device, torch_dtype
@@ -153,6 +155,59 @@ class HFAdapter(PreparingAdapter):
         past.crop(-1)  # drop the appended token again
         return logits.float().softmax(dim=-1)
 
+    def _answer_probs(self, logits: torch.Tensor, kwargs: dict, past, positions: torch.Tensor | None) -> torch.Tensor:
+        """(batch, len(ANSWER_WORDS)): per word the max over its token paths; a whitespace-then-token
+        path costs one cached decode step (see `_next_probs`)."""
+        probs = {(): logits.float().softmax(dim=-1)}
+        for prefix in self._prefixes:
+            step = self._next_probs(kwargs, past, positions, prefix)
+            probs[(prefix,)] = probs[()][:, prefix : prefix + 1] * step
+        return torch.stack(
+            [
+                torch.stack([probs[path[:-1]][:, path[-1]] for path in self.answer_paths[w]], dim=1).max(dim=1).values
+                for w in ANSWER_WORDS
+            ],
+            dim=1,
+        )
+
+    def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str]) -> "HFPrefixRun":
+        """Run the columns every question's (left-padded) prompt shares, the image among them, once
+        with a KV cache. Left padding pads a row by the same amount under every question (the
+        image tokens differ per row, the text per question), so the prompts' columns line up."""
+        from stagelens.patching import shared_prefix_length
+
+        inputs = [self.prepare(images, q).to(self._device).to(self._dtype) for q in questions]
+        ids = [x["input_ids"] for x in inputs]
+        columns = [[tuple(col) for col in t.T.tolist()] for t in ids]
+        shared = shared_prefix_length(columns)
+        image_cols = (ids[0] == self.image_token_id).any(dim=0).nonzero()
+        image_end = int(image_cols.max()) + 1 if len(image_cols) else 0
+        if shared < image_end:
+            raise ValueError(f"the prompts differ before the end of the image tokens (column {shared} < {image_end})")
+        if any(t.shape[1] == shared for t in ids):
+            shared -= 1  # every prompt keeps at least its last token to run (and patch)
+        prefix = {
+            key: value[:, :shared] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
+            for key, value in inputs[0].items()
+        }
+        kwargs = self.model_kwargs(prefix)
+        seen: dict[str, torch.Tensor | None] = {}
+
+        def keep_positions(_module, _args, module_kwargs):
+            seen["positions"] = module_kwargs.get("position_ids")
+
+        handle = self.decoder.register_forward_pre_hook(keep_positions, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                out = self.model(**kwargs, use_cache=True, logits_to_keep=1)
+        finally:
+            handle.remove()
+        positions = seen.get("positions")
+        if positions is None:
+            positions = (prefix["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        return HFPrefixRun(self, out.past_key_values, prefix["attention_mask"], positions[..., -1:],
+                           "mm_token_type_ids" in prefix, shared, [t[:, shared:] for t in ids])
+
     def prepare(self, images: Sequence[Image.Image], question: str):
         """The CPU part of a forward (chat template, tokenizer, image processor); thread-safe,
         so extraction can prepare the next batch while the model runs this one."""
@@ -182,22 +237,47 @@ class HFAdapter(PreparingAdapter):
                 finally:
                     if handle is not None:
                         handle.remove()
-            probs = {(): out.logits[:, -1, :].float().softmax(dim=-1)}
-            for prefix in self._prefixes:
-                step = self._next_probs(kwargs, out.past_key_values, seen.get("positions"), prefix)
-                probs[(prefix,)] = probs[()][:, prefix : prefix + 1] * step
-            answer = torch.stack(
-                [
-                    torch.stack([probs[path[:-1]][:, path[-1]] for path in self.answer_paths[w]], dim=1).max(dim=1).values
-                    for w in ANSWER_WORDS
-                ],
-                dim=1,
-            )
+            answer = self._answer_probs(out.logits[:, -1, :], kwargs, out.past_key_values, seen.get("positions"))
         return BatchVectors(
             vectors=capture.vectors(),
             answer_probs=answer.cpu().numpy().astype(np.float32),
             n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
         )
+
+
+@dataclass
+class HFPrefixRun:
+    """The KV cache after the shared prefix; continues any suffix from it (see stagelens.patching).
+
+    A suffix token's position is the prefix's last position + its offset on every axis (1-D RoPE,
+    or M-RoPE whose prompt ends in text), as in `HFAdapter._next_probs`.
+    """
+
+    adapter: HFAdapter
+    cache: object
+    mask: torch.Tensor  # (batch, prefix) attention mask of the prefix
+    last_position: torch.Tensor  # (..., batch, 1) position of the prefix's last column
+    token_types: bool  # the model takes mm_token_type_ids
+    prefix_length: int
+    suffix_ids: list[torch.Tensor]
+
+    @torch.no_grad()
+    def continue_with(self, suffix_ids: torch.Tensor, repeat: int) -> Continuation:
+        cache = copy.deepcopy(self.cache)  # the forward appends to its cache; the prefix is reused
+        if repeat > 1:
+            cache.batch_repeat_interleave(repeat)
+        ids = suffix_ids.repeat_interleave(repeat, dim=0).to(self.mask.device)
+        rows, length = ids.shape
+        mask = torch.cat([self.mask.repeat_interleave(repeat, dim=0), self.mask.new_ones(rows, length)], dim=1)
+        offsets = torch.arange(1, length + 1, device=ids.device)
+        positions = self.last_position.repeat_interleave(repeat, dim=-2) + offsets
+        kwargs = {"input_ids": ids, "attention_mask": mask}
+        if self.token_types:
+            kwargs["mm_token_type_ids"] = ids.new_zeros(rows, length)
+        out = self.adapter.model(**kwargs, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]
+        probs = self.adapter._answer_probs(logits, kwargs, out.past_key_values, positions)
+        return Continuation(logits, probs.log())
 
 
 def resolve_revision(model_path: str, revision: str | None) -> str:
