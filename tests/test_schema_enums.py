@@ -52,3 +52,10 @@ def test_builtin_families_are_the_stage_rules_and_the_figures():
     from stagelens.stages import CONTROL_FAMILY, FAMILIES
 
     assert set(BUILTIN_FAMILIES) == {"anchor", *FAMILIES, CONTROL_FAMILY} == set(FAMILY_COLORS)
+
+
+def test_patching_positions_are_the_libraries():
+    from stagelens.patching import PATCH_POSITIONS
+
+    positions = SCHEMA["properties"]["patching"]["properties"]["positions"]
+    assert tuple(positions["items"]["enum"]) == PATCH_POSITIONS
