@@ -18,10 +18,10 @@ from stagelens.metrics import EvalSettings, align_to, evaluate_probe
 from stagelens.probe import load_probes
 from stagelens.store import read_metadata, read_vectors
 
-Path = str | os.PathLike
+PathLike = str | os.PathLike
 
 
-def paired_vectors(variant_path: Path, anchor_path: Path, position: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def paired_vectors(variant_path: PathLike, anchor_path: PathLike, position: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, variant vectors, anchor vectors), the variant's rows put into the anchor's sample order.
 
     The anchor job passes the same file twice and gets the same array back twice, so its logits
@@ -39,10 +39,10 @@ def paired_vectors(variant_path: Path, anchor_path: Path, position: str) -> tupl
 
 
 def evaluate_layer(
-    probe_path: Path,
-    control_path: Path,
-    variant_path: Path,
-    anchor_path: Path,
+    probe_path: PathLike,
+    control_path: PathLike,
+    variant_path: PathLike,
+    anchor_path: PathLike,
     prompt: Mapping[str, Any],
     model_name: str,
     settings: EvalSettings,
@@ -66,7 +66,7 @@ def evaluate_layer(
     return rows
 
 
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+def write_rows(rows: list[dict[str, Any]], path: PathLike) -> None:
     """One Parquet table of rows, written whole or not at all."""
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp, compression="zstd")

@@ -1,5 +1,5 @@
 """What builds checkpoints: tiny test models (tiny), the embedded model's assembly (embedded),
-projector training and the SmolLM2 export. Every write goes through `stagelens.atomic.atomic_path`.
+projector training and the SmolLM2 export. Every job writes through `stagelens.atomic.atomic_path`.
 
 This module holds only the recipe names, so the config and the workflow can read them without
 importing torch.
