@@ -177,6 +177,12 @@ def extract_runtime(model, split):
     return estimate.extract_runtime(MODELS[model], images)
 
 
+def patch_runtime(model):
+    """Minutes for one patching job over the patched images of every position."""
+    images = max(n_classes(), 1) * config["patching"]["images"] * len(config["patching"]["positions"])
+    return estimate.patch_runtime(MODELS[model], images, len(layers_of(model)))
+
+
 # --- targets --------------------------------------------------------------------------------
 
 

@@ -3,12 +3,6 @@
 # causal onsets beside the probing stages, and a figure.
 
 
-def patch_runtime(model):
-    """Minutes for one patching job over the patched images of every position."""
-    images = max(n_classes(), 1) * config["patching"]["images"] * len(config["patching"]["positions"])
-    return estimate.patch_runtime(MODELS[model], images, len(layers_of(model)))
-
-
 rule patch:
     """Anchor -> variant and variant -> anchor, residual stream at every layer, on a seeded subset."""
     input:
