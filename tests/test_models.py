@@ -266,11 +266,12 @@ def test_dtype_and_info(tiny_model_dirs):
 
 
 def test_lookup_dispatches_on_model_type():
-    """Known families get their own Architecture; any other type the generic AutoModel path."""
-    assert loader_for("llava").keywords["arch"] is hf.LLAVA
-    assert loader_for("llava_next").keywords["arch"] is hf.LLAVA_NEXT
-    assert loader_for("qwen2_vl").keywords["arch"] is hf.QWEN2_VL
-    assert loader_for("idefics3").keywords["arch"] is None
+    """Families of the architecture table get their facts; any other type the generic AutoModel path."""
+    from stagelens.adapters.architectures import ARCHITECTURES
+
+    for model_type in ("llava", "llava_next", "qwen2_vl", "idefics3"):
+        assert loader_for(model_type).keywords["facts"] is ARCHITECTURES[model_type]
+    assert loader_for("some_future_vlm").keywords["facts"] is None
     assert loader_for("llava").func is hf.load_hf_adapter
 
 

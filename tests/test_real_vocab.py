@@ -27,6 +27,7 @@ from PIL import Image
 
 import fetch_vocabs
 from stagelens.adapters import hf
+from stagelens.adapters.architectures import ARCHITECTURES
 from stagelens.adapters.base import ANSWER_WORDS
 from stagelens import prompts as prompt_module
 from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
@@ -288,7 +289,7 @@ def _save_checkpoint_processor(name: str, tokenizer, out: Path) -> None:
     processor.save_pretrained(out)
 
 
-ARCHITECTURES = {"llava-1.5-7b": hf.LLAVA, "llava-next-llama3-8b": hf.LLAVA_NEXT, "qwen2-vl-7b": hf.QWEN2_VL}
+MODEL_TYPES = {"llava-1.5-7b": "llava", "llava-next-llama3-8b": "llava_next", "qwen2-vl-7b": "qwen2_vl"}
 
 
 @pytest.fixture(scope="session")
@@ -299,8 +300,8 @@ def processors(tokenizers, tmp_path_factory):
         out = tmp_path_factory.mktemp(name)
         _save_checkpoint_processor(name, tokenizer, out)
         model_cfg = paper_config()["models"][name]
-        kwargs = {"max_pixels": model_cfg["max_pixels"]} if model_cfg.get("max_pixels") else {}
-        loaded[name] = hf._load_processor(ARCHITECTURES[name], str(out), None, model_cfg, kwargs)
+        facts = ARCHITECTURES[MODEL_TYPES[name]]
+        loaded[name] = hf._load_processor(facts, str(out), None, model_cfg, model_cfg.get("max_pixels"))
     return loaded
 
 

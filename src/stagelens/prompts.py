@@ -30,8 +30,10 @@ def set_left_padding(processor) -> None:
     processor.tokenizer.padding_side = "left"
 
 
-def build_inputs(processor, images: Sequence[Image.Image], question: str, **processor_kwargs):
+def build_inputs(processor, images: Sequence[Image.Image], question: str, nested: bool = False, **processor_kwargs):
     """Processor outputs (every key it returns) for a batch of images under one question.
+
+    nested: pass the images as one single-image list per prompt (Gemma 3, Idefics3, mllama).
 
     The rendered prompt is tokenised with the tokenizer's special tokens (BOS for Llama-family
     tokenizers), unless the template already starts with BOS, as apply_chat_template does.
@@ -43,7 +45,7 @@ def build_inputs(processor, images: Sequence[Image.Image], question: str, **proc
     bos = processor.tokenizer.bos_token
     add_special = not (bos is not None and prompt.startswith(bos))
     return processor(
-        images=list(images),
+        images=[[image] for image in images] if nested else list(images),
         text=[prompt] * len(images),
         padding=True,
         add_special_tokens=add_special,

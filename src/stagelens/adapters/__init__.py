@@ -1,8 +1,9 @@
 """What reads models: `load_adapter(spec)` picks the adapter by the checkpoint's
 config.json `model_type` from one explicit table (no registry, no import side effects).
 
-LLaVA-1.5, LLaVA-NeXT and Qwen2-VL have their own entries in `hf.ARCHITECTURES`; the embedded
-model its own loader; any other transformers checkpoint goes through AutoModelForImageTextToText.
+transformers families are looked up in `architectures.ARCHITECTURES` (where their parts are,
+what their forward needs, why one cannot be read); the embedded model has its own loader; any
+other transformers checkpoint goes through AutoModelForImageTextToText.
 Loader modules are imported on use, so loading a transformers model never needs the embedded
 model's vision package and vice versa.
 """
@@ -28,8 +29,9 @@ def loader_for(model_type: str) -> Loader:
 
         return load_embedded_adapter
     from stagelens.adapters import hf
+    from stagelens.adapters.architectures import facts_for
 
-    return partial(hf.load_hf_adapter, arch=hf.ARCHITECTURES.get(model_type))
+    return partial(hf.load_hf_adapter, facts=facts_for(model_type))
 
 
 def checkpoint_config(model_path: str, revision: str | None = None) -> dict:

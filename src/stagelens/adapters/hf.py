@@ -1,4 +1,4 @@
-"""Adapters for Hugging Face MLLMs: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and generic image-text-to-text.
+"""Adapters for Hugging Face MLLMs: every family of the architecture table, and generic image-text-to-text.
 
 One forward pass per batch under torch.inference_mode: the processor's own chat template
 renders the prompt, every key the processor returns goes to the model, decoder-block hooks
@@ -12,66 +12,28 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from stagelens.adapters.architectures import ArchitectureFacts
 from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
 from stagelens.adapters.residual_patch import Continuation
-from stagelens.adapters.qwen_processor import load_qwen2_vl_processor, torchvision_available
+from stagelens.adapters.qwen_processor import load_processor, torchvision_available
 from stagelens.prompts import answer_token_paths, build_inputs, render_prompt
 from stagelens.spec import ModelSpec, resolve_device, torch_dtype
 
-# Text models with plain 1-D RoPE: they get position_ids = cumsum(mask) - 1 under left padding
-# (what generate() does). M-RoPE models (Qwen2-VL) compute their own 3-D positions.
+# Checkpoints outside the architecture table: text models with plain 1-D RoPE get
+# position_ids = cumsum(mask) - 1 under left padding (what generate() does).
 _POSITION_IDS_TEXT_TYPES = ("llama", "mistral")
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """How one model family is loaded and fed."""
-
-    name: str
-    model_class: Callable[[], type]  # deferred import: only the family in use is imported
-    position_ids: bool  # pass cumsum(mask)-1 positions (1-D RoPE LMs under left padding)
-    max_pixels: bool  # the processor honours max_pixels
-
-
-def _llava():
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration
-
-
-def _llava_next():
-    from transformers import LlavaNextForConditionalGeneration
-
-    return LlavaNextForConditionalGeneration
-
-
-def _qwen2_vl():
-    from transformers import Qwen2VLForConditionalGeneration
-
-    return Qwen2VLForConditionalGeneration
-
-
-def _auto():
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText
-
-
-LLAVA = Architecture("llava", _llava, position_ids=True, max_pixels=False)
-LLAVA_NEXT = Architecture("llava_next", _llava_next, position_ids=True, max_pixels=False)
-QWEN2_VL = Architecture("qwen2_vl", _qwen2_vl, position_ids=False, max_pixels=True)
-
-# config.json model_type -> family; other types load through AutoModelForImageTextToText.
-ARCHITECTURES = {arch.name: arch for arch in (LLAVA, LLAVA_NEXT, QWEN2_VL)}
 
 
 class HFAdapter(PreparingAdapter):
@@ -85,8 +47,12 @@ class HFAdapter(PreparingAdapter):
         image_token_id: int,
         position_ids: bool,
         processor_kwargs: dict | None = None,
+        facts: ArchitectureFacts | None = None,
     ):
         self.model = model
+        self.facts = facts
+        # Cross-attention families (mllama) never put image features in the LM sequence.
+        self.image_positions = facts.image_tokens_in_sequence if facts is not None else True
         self.processor = processor
         self.info = info
         self.image_token_id = int(image_token_id)
@@ -125,8 +91,8 @@ class HFAdapter(PreparingAdapter):
         return self.prepare(images, question).to(self._device).to(self._dtype)
 
     def model_kwargs(self, inputs) -> dict:
-        """Forward kwargs: every processor key, plus positions for 1-D RoPE LMs."""
-        kwargs = dict(inputs)
+        """Forward kwargs: every processor key but training labels, plus positions for 1-D RoPE LMs."""
+        kwargs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.position_ids:
             kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         return kwargs
@@ -211,7 +177,8 @@ class HFAdapter(PreparingAdapter):
     def prepare(self, images: Sequence[Image.Image], question: str):
         """The CPU part of a forward (chat template, tokenizer, image processor); thread-safe,
         so extraction can prepare the next batch while the model runs this one."""
-        return build_inputs(self.processor, images, question)
+        nested = self.facts is not None and self.facts.nested_images
+        return build_inputs(self.processor, images, question, nested=nested)
 
     def forward_prepared(self, prepared, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
         """`forward` on the output of `prepare`."""
@@ -220,7 +187,16 @@ class HFAdapter(PreparingAdapter):
         last = last_token_index(mask)
         if bool((last != mask.shape[1] - 1).any()):
             raise RuntimeError("prompts are not left-padded: the last token must be at index T-1")
-        image_mask = inputs["input_ids"] == self.image_token_id
+        if not self.image_positions and "image_mean" in positions:
+            raise ValueError(
+                f"position 'image_mean' is unavailable for {self.info.architecture}: its image features enter "
+                "the language model through cross-attention, so no token of the LM sequence holds the image; "
+                "use position 'last'"
+            )
+        if self.image_positions:
+            image_mask = inputs["input_ids"] == self.image_token_id
+        else:
+            image_mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
         capture = LayerCapture(self.blocks, layers, positions)
         capture.set_batch(last, image_mask)
         kwargs = self.model_kwargs(inputs)
@@ -293,20 +269,34 @@ def resolve_revision(model_path: str, revision: str | None) -> str:
     return str(revision or "main")
 
 
-def _load_processor(arch: Architecture | None, spec: ModelSpec, processor_kwargs: dict):
-    model_path, revision = spec.checkpoint, spec.revision
-    if arch is QWEN2_VL:
-        return load_qwen2_vl_processor(model_path, revision=revision, **processor_kwargs)
-    from transformers import AutoProcessor
-
-    backend = {} if torchvision_available() else {"backend": "pil"}
-    return AutoProcessor.from_pretrained(
-        model_path, revision=revision, trust_remote_code=spec.trust_remote_code, **backend, **processor_kwargs
+def _load_processor(facts: ArchitectureFacts | None, spec: ModelSpec):
+    return load_processor(
+        spec.checkpoint,
+        facts.processor_class if facts is not None else None,
+        image_only=facts is not None and facts.image_only_processor,
+        revision=spec.revision,
+        max_pixels=spec.max_pixels,
+        trust_remote_code=spec.trust_remote_code,
     )
 
 
-def load_hf_adapter(spec: ModelSpec, arch: Architecture | None = None) -> HFAdapter:
-    """Load model + processor for `arch` (None: AutoModelForImageTextToText) and wrap them.
+def check_supported(facts: ArchitectureFacts | None, model_path: str) -> None:
+    """Raise, before any weight is read, for a family stagelens cannot read here."""
+    if facts is None:
+        return
+    if facts.unsupported:
+        raise ValueError(f"{model_path}: model_type {facts.model_type!r} is not supported: {facts.unsupported}")
+    if facts.needs_torchvision and not torchvision_available():
+        raise ValueError(
+            f"{model_path}: model_type {facts.model_type!r} needs torchvision (its image processor exists only "
+            "as a torchvision backend) and torchvision is not importable here; install the torchvision build "
+            "matching torch"
+        )
+
+
+def load_hf_adapter(spec: ModelSpec, facts: ArchitectureFacts | None = None) -> HFAdapter:
+    """Load model + processor of a family of the architecture table (None: a checkpoint outside
+    it, through AutoModelForImageTextToText) and wrap them.
 
     Fails on missing weights: transformers would silently random-initialise them.
     """
@@ -314,13 +304,13 @@ def load_hf_adapter(spec: ModelSpec, arch: Architecture | None = None) -> HFAdap
     dtype = torch_dtype(spec.dtype)
     device = resolve_device(spec.device)
     max_pixels = spec.max_pixels
-    processor_kwargs: dict = {}
-    if max_pixels is not None:
-        if arch is not None and not arch.max_pixels:
-            raise ValueError(f"max_pixels is set for {model_path!r}, but only Qwen2-VL-style processors use it")
-        processor_kwargs["max_pixels"] = int(max_pixels)
+    check_supported(facts, model_path)
+    if max_pixels is not None and facts is not None and not facts.max_pixels:
+        raise ValueError(f"max_pixels is set for {model_path!r}, but only Qwen2-VL-style processors use it")
 
-    model_class = (arch.model_class if arch is not None else _auto)()
+    import transformers
+
+    model_class = getattr(transformers, facts.model_class if facts is not None else "AutoModelForImageTextToText")
     model, loading = model_class.from_pretrained(
         model_path,
         revision=revision,
@@ -336,10 +326,13 @@ def load_hf_adapter(spec: ModelSpec, arch: Architecture | None = None) -> HFAdap
             f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
         )
     model.eval()
-    processor = _load_processor(arch, spec, processor_kwargs)
+    processor = _load_processor(facts, spec)
 
     text_config = model.config.get_text_config()
-    position_ids = arch.position_ids if arch is not None else text_config.model_type in _POSITION_IDS_TEXT_TYPES
+    if facts is not None:
+        position_ids = facts.position_ids
+    else:
+        position_ids = text_config.model_type in _POSITION_IDS_TEXT_TYPES
     image_token_id = getattr(model.config, "image_token_id", None)
     if image_token_id is None:
         image_token_id = getattr(model.config, "image_token_index", None)
@@ -355,4 +348,5 @@ def load_hf_adapter(spec: ModelSpec, arch: Architecture | None = None) -> HFAdap
         num_layers=int(num_layers if num_layers is not None else len(find_decoder_layers(model))),
         hidden_size=int(text_config.hidden_size),
     )
-    return HFAdapter(model, processor, info, image_token_id, position_ids, processor_kwargs)
+    processor_kwargs = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
+    return HFAdapter(model, processor, info, image_token_id, position_ids, processor_kwargs, facts)

@@ -1,6 +1,7 @@
-"""Qwen2-VL processor that works without torchvision.
+"""Processors that work without torchvision.
 
-In transformers 5.x `Qwen2VLProcessor` requires a video processor, which exists only with
+In transformers 5.x the processors of video-capable families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+GLM-4.1V, InternVL, SmolVLM, LLaVA-OneVision) require a video processor, which exists only with
 torchvision; without it `AutoProcessor` raises (or returns the bare tokenizer). stagelens only
 feeds images, so where torchvision is missing it uses an image-only subclass that goes through
 the very same image code path, with the image processor pinned to its PIL backend.
@@ -8,7 +9,9 @@ the very same image code path, with the image processor pinned to its PIL backen
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 
 from transformers import AutoProcessor
@@ -27,19 +30,38 @@ def torchvision_available() -> bool:
     return True
 
 
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2VLProcessor without the video processor; images and text behave identically."""
+@functools.cache
+def image_only_processor(processor_class: type) -> type:
+    """A subclass of `processor_class` without its video processor (which needs torchvision).
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
-            self.image_token
-        )
-        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
-            self.video_token
-        )
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+    ProcessorMixin derives a processor's parts and saved settings from the parameter names of
+    its __init__ code, so the subclass gets a generated __init__ with the class's parameters
+    minus `video_processor`: from_pretrained then loads (and save_pretrained writes) the image
+    processor, the tokenizer and the family's settings only. Images go through the class's own
+    code unchanged; chat templates render through ProcessorMixin, skipping overrides that only
+    fill in video defaults (SmolVLM).
+    """
+    params = [
+        p for name, p in inspect.signature(processor_class.__init__).parameters.items()
+        if name not in ("self", "video_processor") and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    names = [p.name for p in params]
+    defaults = {p.name: None if p.default is p.empty else p.default for p in params}
+    source = (
+        f"def __init__(self, {', '.join(f'{n}=_defaults[{n!r}]' for n in names)}, **kwargs):\n"
+        f"    _cls.__init__(self, video_processor=None, {', '.join(f'{n}={n}' for n in names)}, **kwargs)\n"
+    )
+    namespace: dict = {"_cls": processor_class, "_defaults": defaults}
+    exec(source, namespace)  # noqa: S102 - source built from the class's own parameter names
+    return type(
+        f"{processor_class.__name__}ImageOnly",
+        (processor_class,),
+        {"__init__": namespace["__init__"], "apply_chat_template": ProcessorMixin.apply_chat_template},
+    )
+
+
+# Kept by name: checkpoints and tests built without torchvision use it directly.
+Qwen2VLImageOnlyProcessor = image_only_processor(Qwen2VLProcessor)
 
 
 def cap_max_pixels(image_processor, max_pixels: int) -> None:
@@ -56,22 +78,39 @@ def cap_max_pixels(image_processor, max_pixels: int) -> None:
     image_processor.size = SizeDict(**size)
 
 
-def load_qwen2_vl_processor(path: str | os.PathLike, revision: str | None = None, max_pixels: int | None = None):
-    """AutoProcessor where torchvision exists; the image-only processor (PIL backend) otherwise.
+def load_processor(
+    path: str | os.PathLike,
+    processor_class: str | None,
+    image_only: bool,
+    revision: str | None = None,
+    max_pixels: int | None = None,
+    trust_remote_code: bool = False,
+):
+    """AutoProcessor where torchvision exists; else the PIL backend, through the image-only
+    subclass of `processor_class` where the family's processor insists on a video processor.
 
     A checkpoint saved without a video processor (the tiny recipes built without torchvision)
-    also takes the image-only path. max_pixels, where given, caps the image tokens.
+    also takes the image-only path on a torchvision machine. max_pixels, where given, caps the
+    image tokens (Qwen2-VL-style processors).
     """
-    processor = None
+    import transformers
+
+    def image_only_class():
+        return image_only_processor(getattr(transformers, processor_class))
+
     if torchvision_available():
         try:
-            processor = AutoProcessor.from_pretrained(path, revision=revision)
+            processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         except OSError as err:
-            if "video processor" not in str(err):
+            if not image_only or "video processor" not in str(err):
                 raise
-            processor = Qwen2VLImageOnlyProcessor.from_pretrained(path, revision=revision)
+            processor = image_only_class().from_pretrained(path, revision=revision)
+    elif image_only:
+        processor = image_only_class().from_pretrained(path, revision=revision, backend="pil")
     else:
-        processor = Qwen2VLImageOnlyProcessor.from_pretrained(path, revision=revision, backend="pil")
+        processor = AutoProcessor.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code, backend="pil"
+        )
     if max_pixels is not None:
         cap_max_pixels(processor.image_processor, max_pixels)
     return processor

@@ -1,0 +1,125 @@
+"""Per-architecture facts, in one table: where a family keeps its parts and what its forward needs.
+
+Keyed by the checkpoint's config `model_type`. Module paths are dotted attribute paths from the
+loaded `*ForConditionalGeneration` model (`module_at` resolves them), so readers of the vision
+tower, the final norm or the unembedding look them up here instead of branching on the family.
+A family stagelens cannot read carries its reason in `unsupported`, raised at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchitectureFacts:
+    """What stagelens needs to know about one transformers MLLM family."""
+
+    model_type: str
+    model_class: str  # transformers class the checkpoint loads into
+    processor_class: str  # transformers processor class
+    decoder_layers: str  # the LM's decoder block list
+    final_norm: str  # norm applied after the last block, before the unembedding
+    unembedding: str  # the LM head (hidden -> vocabulary logits)
+    vision_tower: str  # the image encoder (before any projector)
+    image_tokens_in_sequence: bool = True  # False: cross-attention, no image positions in the LM sequence
+    # Processor outputs the forward needs beyond input_ids / attention_mask / pixel_values.
+    extra_inputs: tuple[str, ...] = ()
+    # Pass position_ids = cumsum(attention_mask) - 1 (1-D RoPE LMs under left padding); False
+    # where the model builds its own positions (M-RoPE) or would reject them.
+    position_ids: bool = True
+    nested_images: bool = False  # the processor wants one image list per prompt
+    image_only_processor: bool = False  # the processor insists on a video processor (torchvision)
+    needs_torchvision: bool = False  # no image processor without torchvision
+    max_pixels: bool = False  # the processor honours max_pixels (Qwen2-VL style)
+    chat_template: str = ""  # file under stagelens/builders/chat_templates/
+    template_is_stand_in: bool = False  # no published template: a stand-in written for stagelens
+    unsupported: str | None = None  # why stagelens cannot read it (raised at load time)
+
+
+def _hf(model_type: str, model_class: str, processor_class: str, lm: str = "model.language_model", vision: str = "model.vision_tower",
+        **facts) -> ArchitectureFacts:
+    """Facts of the common transformers 5.x layout: model.language_model / model.vision_tower / lm_head."""
+    return ArchitectureFacts(
+        model_type=model_type, model_class=model_class, processor_class=processor_class, decoder_layers=f"{lm}.layers", final_norm=f"{lm}.norm",
+        unembedding="lm_head", vision_tower=vision, **facts,
+    )
+
+
+_FACTS = [
+    _hf("llava", "LlavaForConditionalGeneration", "LlavaProcessor", extra_inputs=(), chat_template="llava-1.5-7b-hf.jinja"),
+    _hf("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextProcessor", extra_inputs=("image_sizes",),
+        chat_template="llama3-llava-next-8b-hf.jinja"),
+    _hf("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", vision="model.visual",
+        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
+        max_pixels=True, chat_template="Qwen2-VL-7B-Instruct.jinja"),
+    _hf("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", vision="model.visual",
+        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
+        max_pixels=True, chat_template="Qwen2.5-VL-7B-Instruct.jinja"),
+    _hf("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", vision="model.visual",
+        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
+        max_pixels=True, chat_template="Qwen3-VL-8B-Instruct.jinja"),
+    _hf("glm4v", "Glm4vForConditionalGeneration", "Glm4vProcessor", vision="model.visual",
+        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
+        chat_template="stand-in-glm4v.jinja", template_is_stand_in=True),
+    _hf("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor", vision="model.visual",
+        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
+        max_pixels=True, chat_template="Qwen3-VL-8B-Instruct.jinja"),
+    _hf("glm4v_moe", "Glm4vMoeForConditionalGeneration", "Glm4vProcessor", vision="model.visual",
+        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
+        chat_template="stand-in-glm4v.jinja", template_is_stand_in=True),
+    _hf("glm46v", "Glm46VForConditionalGeneration", "Glm46VProcessor", vision="model.visual",
+        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
+        chat_template="stand-in-glm4v.jinja", template_is_stand_in=True),
+    _hf("gemma3", "Gemma3ForConditionalGeneration", "Gemma3Processor", extra_inputs=("token_type_ids",),
+        nested_images=True, chat_template="gemma-3-4b-it.jinja"),
+    _hf("paligemma", "PaliGemmaForConditionalGeneration", "PaliGemmaProcessor", extra_inputs=("token_type_ids",),
+        chat_template="stand-in-paligemma.jinja", template_is_stand_in=True),
+    _hf("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor",
+        extra_inputs=("image_sizes",), image_only_processor=True, chat_template="llava-onevision-qwen2-7b-ov-hf.jinja"),
+    _hf("internvl", "InternVLForConditionalGeneration", "InternVLProcessor", image_only_processor=True,
+        chat_template="InternVL3-1B-hf.jinja"),
+    _hf("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Processor", lm="model.text_model",
+        vision="model.vision_model", extra_inputs=("pixel_attention_mask",), nested_images=True,
+        chat_template="stand-in-idefics3.jinja", template_is_stand_in=True),
+    _hf("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMProcessor", lm="model.text_model",
+        vision="model.vision_model", extra_inputs=("pixel_attention_mask",), nested_images=True,
+        image_only_processor=True, chat_template="SmolVLM-256M-Instruct.jinja"),
+    _hf("mistral3", "Mistral3ForConditionalGeneration", "PixtralProcessor", extra_inputs=("image_sizes",),
+        needs_torchvision=True, chat_template="stand-in-mistral3.jinja", template_is_stand_in=True),
+    ArchitectureFacts(
+        "llama4", "Llama4ForConditionalGeneration", "Llama4Processor", decoder_layers="language_model.model.layers",
+        final_norm="language_model.model.norm", unembedding="language_model.lm_head", vision_tower="vision_model",
+        needs_torchvision=True, chat_template="Llama-4-Scout-17B-16E-Instruct.jinja",
+    ),
+    ArchitectureFacts(
+        "lfm2_vl", "Lfm2VlForConditionalGeneration", "Lfm2VlProcessor", decoder_layers="model.language_model.layers",
+        final_norm="model.language_model.embedding_norm", unembedding="lm_head", vision_tower="model.vision_tower",
+        extra_inputs=("spatial_shapes", "pixel_attention_mask"), needs_torchvision=True,
+        chat_template="LFM2-VL-1.6B.jinja",
+    ),
+    _hf("aya_vision", "AyaVisionForConditionalGeneration", "AyaVisionProcessor",
+        chat_template="stand-in-aya-vision.jinja", template_is_stand_in=True),
+    _hf("mllama", "MllamaForConditionalGeneration", "MllamaProcessor", vision="model.vision_model",
+        image_tokens_in_sequence=False, extra_inputs=("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"),
+        nested_images=True, chat_template="Llama-3.2-11B-Vision-Instruct.jinja"),
+]
+
+ARCHITECTURES: dict[str, ArchitectureFacts] = {f.model_type: f for f in _FACTS}
+
+
+def facts_for(model_type: str) -> ArchitectureFacts | None:
+    """The table entry of a config model_type, or None (the generic path guesses)."""
+    return ARCHITECTURES.get(model_type)
+
+
+def module_at(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted attribute path, with an error naming the missing step."""
+    module = model
+    for step in path.split("."):
+        if not hasattr(module, step):
+            raise AttributeError(f"{type(model).__name__} has no {path!r} (missing {step!r} in {type(module).__name__})")
+        module = getattr(module, step)
+    return module
