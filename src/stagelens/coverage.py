@@ -127,11 +127,15 @@ def _check_loaded(adapter, results: dict[str, str]) -> None:
     got = adapter.forward(batch, QUESTION, layers, positions)
     ref = reference(adapter, batch)
     input_ids = ref["inputs"]["input_ids"]
-    image_mask = (input_ids == adapter.image_token_id) if in_sequence else None
+    # The model's own image token id (what its forward merges features into), not the adapter's.
+    config = adapter.model.config
+    config_token = getattr(config, "image_token_id", None)
+    config_token = getattr(config, "image_token_index", None) if config_token is None else config_token
+    image_mask = (input_ids == config_token) if in_sequence else None
 
     def image_tokens():
         if not in_sequence:
-            return "n/a: cross-attention (no image tokens in the LM sequence)"
+            return "n/a: cross-attention, no image tokens in the LM sequence"
         counts = image_mask.sum(dim=1)
         if bool((counts == 0).any()):
             raise AssertionError(f"rows without image tokens: counts {counts.tolist()}")
@@ -164,7 +168,7 @@ def _check_loaded(adapter, results: dict[str, str]) -> None:
                 adapter.forward(batch[:1], QUESTION, [0], ["image_mean"])
             except ValueError as err:
                 if "unavailable" in str(err):
-                    return "n/a: cross-attention (clear error)"
+                    return "n/a: image_mean raises a clear error"
                 raise
             raise AssertionError("image_mean did not raise for a cross-attention family")
         compare("image_mean")
@@ -287,7 +291,7 @@ def render_table(results: dict) -> str:
     header = ["model_type", "all", *COLUMNS, "why not / notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model_type, row in sorted(results["rows"].items()):
-        notes = [v.split(": ", 1)[1] for v in row.values() if v.startswith(("fail:", "n/a:"))]
+        notes = [row[c].split(": ", 1)[1] for c in COLUMNS if row[c].startswith(("fail:", "n/a:"))]
         facts = ARCHITECTURES[model_type]
         if facts.template_is_stand_in:
             notes.append("no published chat template collected: stand-in template")

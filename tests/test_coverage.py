@@ -1,0 +1,119 @@
+"""The architecture coverage matrix: every family of the table, rerun and held to docs/coverage.json
+and the README support table (regenerate both with `python -m stagelens.coverage`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from stagelens import coverage
+from stagelens.adapters import architectures
+from stagelens.adapters.architectures import ARCHITECTURES, module_at
+from stagelens.adapters.qwen_processor import torchvision_available
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDED = json.loads((ROOT / coverage.RESULTS_PATH).read_text(encoding="utf-8"))
+# The families issue 12 lists; at least 11 must pass every column here (no torchvision).
+LISTED = ("qwen2_5_vl", "qwen3_vl", "gemma3", "llava_onevision", "internvl", "idefics3", "smolvlm", "mistral3",
+          "mllama", "llama4", "paligemma", "aya_vision", "glm4v", "lfm2_vl")
+
+
+def _same_environment() -> bool:
+    import transformers
+
+    return RECORDED["transformers"] == transformers.__version__ and RECORDED["torchvision"] == torchvision_available()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("coverage")
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_family_matches_recorded_results(model_type, workdir):
+    if not _same_environment():
+        pytest.skip("docs/coverage.json was recorded with another transformers / torchvision")
+    assert coverage.check(model_type, workdir) == RECORDED["rows"][model_type]
+
+
+def test_results_cover_the_whole_table():
+    assert set(RECORDED["rows"]) == set(ARCHITECTURES)
+    assert set(LISTED) <= set(ARCHITECTURES)
+
+
+def test_readme_table_is_generated_from_the_results():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert coverage.readme_table(readme) == coverage.render_table(RECORDED)
+
+
+def test_listed_families_pass_and_failures_say_why():
+    passing = [m for m in LISTED if coverage.passes(RECORDED["rows"][m])]
+    assert len(passing) >= 11, passing
+    for model_type, row in RECORDED["rows"].items():
+        if not coverage.passes(row):
+            assert row["loads"].startswith("fail: ") and len(row["loads"]) > 20, (model_type, row)
+    assert RECORDED["rows"]["mllama"]["image_mean"].startswith("n/a")
+
+
+def test_wrong_table_entry_fails_its_column(workdir, monkeypatch):
+    """The checks can fail: a final norm pointing at a block's input norm breaks `parts`, and layer L
+    (read independently as the final norm's input) no longer matches."""
+    wrong = dataclasses.replace(ARCHITECTURES["llava"], final_norm="model.language_model.layers.0.input_layernorm")
+    monkeypatch.setitem(ARCHITECTURES, "llava", wrong)
+    row = coverage.check("llava", workdir)
+    assert row["parts"].startswith("fail:") and not coverage.passes(row)
+    assert row["last"].startswith("fail: AssertionError: last layer 2")
+    assert row["template"] == "published" and row["image_tokens"].startswith("pass")
+
+
+def test_wrong_image_token_fails_image_columns(workdir, monkeypatch):
+    """Telling image_mean to average the wrong tokens is caught against the independent read."""
+    from stagelens.adapters import hf
+
+    load = hf.load_hf_adapter
+
+    def wrong_token(*args, **kwargs):
+        adapter = load(*args, **kwargs)
+        adapter.image_token_id = adapter.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        return adapter
+
+    monkeypatch.setattr(hf, "load_hf_adapter", wrong_token)
+    row = coverage.check("qwen2_vl", workdir)
+    assert row["image_tokens"].startswith("fail:") and row["image_mean"].startswith("fail:")
+
+
+def test_unreadable_family_fails_at_load_with_its_reason(tmp_path, monkeypatch):
+    from stagelens.adapters import load_adapter
+
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    monkeypatch.setitem(ARCHITECTURES, "gemma3", dataclasses.replace(ARCHITECTURES["gemma3"], unsupported="a reason"))
+    with pytest.raises(ValueError, match="not supported: a reason"):
+        load_adapter({"device": "cpu"}, str(stub))
+    if not torchvision_available():
+        (stub / "config.json").write_text(json.dumps({"model_type": "llama4"}))
+        with pytest.raises(ValueError, match="needs torchvision"):
+            load_adapter({"device": "cpu"}, str(stub))
+
+
+def test_module_at_names_the_missing_step():
+    from torch import nn
+
+    model = nn.Sequential()
+    model.inner = nn.Linear(2, 2)
+    assert module_at(model, "inner") is model.inner
+    with pytest.raises(AttributeError, match="missing 'norm'"):
+        module_at(model, "inner.norm")
+
+
+def test_every_template_file_exists():
+    from importlib import resources
+
+    folder = resources.files("stagelens.builders").joinpath("chat_templates")
+    for facts in architectures.ARCHITECTURES.values():
+        assert folder.joinpath(facts.chat_template).is_file(), facts.model_type
+        assert facts.template_is_stand_in == facts.chat_template.startswith("stand-in-")
