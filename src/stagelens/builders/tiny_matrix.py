@@ -20,7 +20,7 @@ import torch
 from stagelens.builders.tiny import train_tokenizer
 
 HIDDEN = 64  # LM width
-LAYERS = 2  # LM decoder blocks
+LAYERS = 2  # LM decoder blocks (default; the workflow's num_layers overrides it)
 HEADS = 4
 KV_HEADS = 2
 
@@ -30,12 +30,12 @@ def template(name: str) -> str:
     return resources.files("stagelens.builders").joinpath("chat_templates", name).read_text(encoding="utf-8")
 
 
-def _text(**extra) -> dict:
+def _text(layers: int, **extra) -> dict:
     """Small LM settings shared by every recipe; `extra` overrides or adds family keys."""
     base = {
         "hidden_size": HIDDEN,
         "intermediate_size": 2 * HIDDEN,
-        "num_hidden_layers": LAYERS,
+        "num_hidden_layers": layers,
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
         "max_position_embeddings": 2048,
@@ -60,7 +60,7 @@ def _save(out: Path, model, processor) -> None:
     processor.save_pretrained(out)
 
 
-def _gemma3(out: Path) -> None:
+def _gemma3(out: Path, layers: int) -> None:
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
 
     tok = train_tokenizer(
@@ -74,7 +74,7 @@ def _gemma3(out: Path) -> None:
                      "eoi": "<end_of_image>", "image": "<image_soft_token>"})
     config = Gemma3Config(
         text_config=_text(
-            model_type="gemma3_text", vocab_size=len(tok), head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS,
+            layers, model_type="gemma3_text", vocab_size=len(tok), head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS,
             sliding_window=512, pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
         ),
         vision_config=_siglip(),
@@ -92,7 +92,7 @@ def _gemma3(out: Path) -> None:
     _save(out, model, processor)
 
 
-def _paligemma(out: Path) -> None:
+def _paligemma(out: Path, layers: int) -> None:
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
 
     tok = train_tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
@@ -103,7 +103,7 @@ def _paligemma(out: Path) -> None:
     tok = processor.tokenizer  # the processor adds <loc>/<seg> tokens
     ids = _ids(tok, {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "image": "<image>"})
     config = PaliGemmaConfig(
-        text_config=_text(model_type="gemma", vocab_size=len(tok), head_dim=HIDDEN // HEADS,
+        text_config=_text(layers, model_type="gemma", vocab_size=len(tok), head_dim=HIDDEN // HEADS,
                           pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"]),
         vision_config=_siglip(projection_dim=HIDDEN),
         image_token_index=ids["image"], vocab_size=len(tok), projection_dim=HIDDEN, hidden_size=HIDDEN,
@@ -134,7 +134,7 @@ def _image_only(processor_class, out: Path) -> None:
     _mark_processor_class(out, processor_class.__name__)
 
 
-def _qwen2_5_vl(out: Path) -> None:
+def _qwen2_5_vl(out: Path, layers: int) -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
 
     from stagelens.adapters.qwen_processor import image_only_processor
@@ -143,7 +143,7 @@ def _qwen2_5_vl(out: Path) -> None:
     ids = _ids(tok, {t: t for t in _QWEN_SPECIALS})
     config = Qwen2_5_VLConfig(
         text_config=_text(
-            vocab_size=len(tok), rope_parameters={"rope_type": "default", "mrope_section": _mrope(HIDDEN // HEADS),
+            layers, vocab_size=len(tok), rope_parameters={"rope_type": "default", "mrope_section": _mrope(HIDDEN // HEADS),
                                                   "rope_theta": 10000.0},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
@@ -162,7 +162,7 @@ def _qwen2_5_vl(out: Path) -> None:
     _image_only(Qwen2_5_VLProcessor, out)
 
 
-def _qwen3_vl(out: Path, config_class: str = "Qwen3VLConfig", model_class: str = "Qwen3VLForConditionalGeneration",
+def _qwen3_vl(out: Path, layers: int, config_class: str = "Qwen3VLConfig", model_class: str = "Qwen3VLForConditionalGeneration",
               **text_extra) -> None:
     import transformers
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
@@ -174,7 +174,7 @@ def _qwen3_vl(out: Path, config_class: str = "Qwen3VLConfig", model_class: str =
     head_dim = HIDDEN // HEADS
     config = getattr(transformers, config_class)(
         text_config=_text(
-            vocab_size=len(tok), head_dim=head_dim,
+            layers, vocab_size=len(tok), head_dim=head_dim,
             rope_parameters={"rope_type": "default", "mrope_section": _mrope(head_dim), "mrope_interleaved": True,
                              "rope_theta": 10000.0},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
@@ -195,12 +195,12 @@ def _qwen3_vl(out: Path, config_class: str = "Qwen3VLConfig", model_class: str =
     _image_only(Qwen3VLProcessor, out)
 
 
-def _qwen3_vl_moe(out: Path) -> None:
-    _qwen3_vl(out, "Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", moe_intermediate_size=32, num_experts=4,
+def _qwen3_vl_moe(out: Path, layers: int) -> None:
+    _qwen3_vl(out, layers, "Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", moe_intermediate_size=32, num_experts=4,
               num_experts_per_tok=2)
 
 
-def _glm4v(out: Path, config_class: str = "Glm4vConfig", model_class: str = "Glm4vForConditionalGeneration",
+def _glm4v(out: Path, layers: int, config_class: str = "Glm4vConfig", model_class: str = "Glm4vForConditionalGeneration",
            processor_class: str = "Glm4vProcessor", image_processor_class: str = "Glm4vImageProcessorPil",
            **text_extra) -> None:
     import transformers
@@ -214,7 +214,7 @@ def _glm4v(out: Path, config_class: str = "Glm4vConfig", model_class: str = "Glm
     ids = _ids(tok, {t: t for t in specials})
     config = getattr(transformers, config_class)(
         text_config=_text(
-            vocab_size=len(tok),
+            layers, vocab_size=len(tok),
             # GLM-4.1V rotates half of each head: the sections cover head_dim / 2.
             rope_parameters={"rope_type": "default", "mrope_section": _mrope(HIDDEN // HEADS // 2),
                              "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
@@ -238,16 +238,16 @@ def _glm4v(out: Path, config_class: str = "Glm4vConfig", model_class: str = "Glm
     _image_only(cls, out)
 
 
-def _glm4v_moe(out: Path) -> None:
-    _glm4v(out, "Glm4vMoeConfig", "Glm4vMoeForConditionalGeneration", moe_intermediate_size=32, n_routed_experts=4,
+def _glm4v_moe(out: Path, layers: int) -> None:
+    _glm4v(out, layers, "Glm4vMoeConfig", "Glm4vMoeForConditionalGeneration", moe_intermediate_size=32, n_routed_experts=4,
            num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=1)
 
 
-def _glm46v(out: Path) -> None:
-    _glm4v(out, "Glm46VConfig", "Glm46VForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil")
+def _glm46v(out: Path, layers: int) -> None:
+    _glm4v(out, layers, "Glm46VConfig", "Glm46VForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil")
 
 
-def _internvl(out: Path) -> None:
+def _internvl(out: Path, layers: int) -> None:
     from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
 
     from stagelens.adapters.qwen_processor import image_only_processor
@@ -259,7 +259,7 @@ def _internvl(out: Path) -> None:
     )
     ids = _ids(tok, {"image": "<IMG_CONTEXT>", "eos": "<|im_end|>", "pad": "<|endoftext|>"})
     config = InternVLConfig(
-        text_config=_text(model_type="qwen2", vocab_size=len(tok), eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
+        text_config=_text(layers, model_type="qwen2", vocab_size=len(tok), eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                        "image_size": [32, 32], "patch_size": [8, 8]},
         image_token_id=ids["image"], image_seq_length=4, downsample_ratio=0.5,
@@ -273,7 +273,7 @@ def _internvl(out: Path) -> None:
     _image_only(InternVLProcessor, out)
 
 
-def _llava_onevision(out: Path) -> None:
+def _llava_onevision(out: Path, layers: int) -> None:
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil,
                               LlavaOnevisionProcessor)
 
@@ -283,7 +283,7 @@ def _llava_onevision(out: Path) -> None:
     ids = _ids(tok, {"image": "<image>", "video": "<video>", "eos": "<|im_end|>", "pad": "<|endoftext|>"})
     pinpoints = [[32, 64], [64, 32], [64, 64]]
     config = LlavaOnevisionConfig(
-        text_config=_text(model_type="qwen2", vocab_size=len(tok), eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
+        text_config=_text(layers, model_type="qwen2", vocab_size=len(tok), eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
         vision_config=_siglip(),
         image_token_index=ids["image"], video_token_index=ids["video"], image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="full", vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9",
@@ -307,13 +307,13 @@ def _idefics_tokenizer():
                                                  "global_image_token": "<global-img>", "video_token": "<video>"})
 
 
-def _idefics3(out: Path) -> None:
+def _idefics3(out: Path, layers: int) -> None:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
 
     tok = _idefics_tokenizer()
     ids = _ids(tok, {"image": "<image>", "eos": "<end_of_utterance>", "pad": "<|endoftext|>"})
     config = Idefics3Config(
-        text_config=_text(model_type="llama", vocab_size=len(tok), eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
+        text_config=_text(layers, model_type="llama", vocab_size=len(tok), eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                        "image_size": 32, "patch_size": 8},
         image_token_id=ids["image"], scale_factor=2,
@@ -326,7 +326,7 @@ def _idefics3(out: Path) -> None:
     _save(out, model, processor)
 
 
-def _smolvlm(out: Path) -> None:
+def _smolvlm(out: Path, layers: int) -> None:
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil, SmolVLMProcessor
 
     from stagelens.adapters.qwen_processor import image_only_processor
@@ -334,7 +334,7 @@ def _smolvlm(out: Path) -> None:
     tok = _idefics_tokenizer()
     ids = _ids(tok, {"image": "<image>", "eos": "<end_of_utterance>", "pad": "<|endoftext|>"})
     config = SmolVLMConfig(
-        text_config=_text(model_type="llama", vocab_size=len(tok), eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
+        text_config=_text(layers, model_type="llama", vocab_size=len(tok), eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                        "image_size": 32, "patch_size": 8},
         image_token_id=ids["image"], scale_factor=2,
@@ -348,14 +348,14 @@ def _smolvlm(out: Path) -> None:
     _image_only(SmolVLMProcessor, out)
 
 
-def _mistral3(out: Path) -> None:
+def _mistral3(out: Path, layers: int) -> None:
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil, PixtralProcessor
 
     specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<pad>"]
     tok = train_tokenizer(specials, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     ids = _ids(tok, {t: t for t in specials})
     config = Mistral3Config(
-        text_config=_text(model_type="mistral", vocab_size=len(tok), head_dim=HIDDEN // HEADS, sliding_window=None,
+        text_config=_text(layers, model_type="mistral", vocab_size=len(tok), head_dim=HIDDEN // HEADS, sliding_window=None,
                           bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"]),
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                        "image_size": 64, "patch_size": 8, "head_dim": 16},
@@ -369,7 +369,7 @@ def _mistral3(out: Path) -> None:
     _save(out, model, processor)
 
 
-def _aya_vision(out: Path) -> None:
+def _aya_vision(out: Path, layers: int) -> None:
     from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor, GotOcr2ImageProcessorPil
 
     specials = ["<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
@@ -378,7 +378,7 @@ def _aya_vision(out: Path) -> None:
     tok = train_tokenizer(specials, pad_token="<PAD>", bos_token="<BOS_TOKEN>", eos_token="<|END_OF_TURN_TOKEN|>")
     ids = _ids(tok, {t: t for t in specials})
     config = AyaVisionConfig(
-        text_config=_text(model_type="cohere2", vocab_size=len(tok), head_dim=HIDDEN // HEADS, sliding_window=512,
+        text_config=_text(layers, model_type="cohere2", vocab_size=len(tok), head_dim=HIDDEN // HEADS, sliding_window=512,
                           bos_token_id=ids["<BOS_TOKEN>"], eos_token_id=ids["<|END_OF_TURN_TOKEN|>"],
                           pad_token_id=ids["<PAD>"]),
         vision_config=_siglip(),
@@ -393,7 +393,7 @@ def _aya_vision(out: Path) -> None:
     _save(out, model, processor)
 
 
-def _mllama(out: Path) -> None:
+def _mllama(out: Path, layers: int) -> None:
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
@@ -402,7 +402,8 @@ def _mllama(out: Path) -> None:
                           pad_token="<|finetune_right_pad_id|>")
     ids = _ids(tok, {t: t for t in specials})
     config = MllamaConfig(
-        text_config=_text(vocab_size=len(tok), num_hidden_layers=3, cross_attention_layers=[1],
+        # One cross-attention layer after the first self-attention block (layers >= 2).
+        text_config=_text(layers, vocab_size=len(tok), cross_attention_layers=[1],
                           bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|eot_id|>"],
                           pad_token_id=ids["<|finetune_right_pad_id|>"]),
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_global_layers": 1,
@@ -423,17 +424,17 @@ def _mllama(out: Path) -> None:
     _save(out, model, processor)
 
 
-def _tiny(recipe: str) -> Callable[[Path], None]:
-    """The pipeline's own tiny recipes (stagelens.builders.tiny), at the matrix's depth."""
+def _tiny(recipe: str) -> Callable[[Path, int], None]:
+    """The pipeline's own tiny recipes (stagelens.builders.tiny)."""
     from stagelens.builders import tiny
 
-    def build_recipe(out: Path) -> None:
-        tiny.build(recipe, out, num_layers=LAYERS)
+    def build_recipe(out: Path, layers: int) -> None:
+        tiny.build(recipe, out, num_layers=layers)
 
     return build_recipe
 
 
-RECIPES: dict[str, Callable[[Path], None]] = {
+RECIPES: dict[str, Callable[[Path, int], None]] = {
     "llava": _tiny("tiny-llava"),
     "llava_next": _tiny("tiny-llava-next"),
     "qwen2_vl": _tiny("tiny-qwen2-vl"),
@@ -455,12 +456,14 @@ RECIPES: dict[str, Callable[[Path], None]] = {
 }
 
 
-def build(model_type: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the seeded tiny checkpoint of `model_type` into out_dir (created)."""
+def build(model_type: str, out_dir: str | os.PathLike, seed: int = 0, num_layers: int = LAYERS) -> Path:
+    """Build the seeded tiny checkpoint of `model_type` with `num_layers` LM blocks into out_dir (created)."""
     if model_type not in RECIPES:
         raise ValueError(f"no tiny recipe for model_type {model_type!r}; known: {', '.join(RECIPES)}")
+    if num_layers < 2:
+        raise ValueError(f"num_layers must be at least 2, got {num_layers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    RECIPES[model_type](out)
+    RECIPES[model_type](out, num_layers)
     return out
