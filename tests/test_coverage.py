@@ -87,17 +87,18 @@ def test_wrong_image_token_fails_image_columns(workdir, monkeypatch):
 
 def test_unreadable_family_fails_at_load_with_its_reason(tmp_path, monkeypatch):
     from stagelens.adapters import load_adapter
+    from stagelens.spec import ModelSpec
 
     stub = tmp_path / "stub"
     stub.mkdir()
     (stub / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
     monkeypatch.setitem(ARCHITECTURES, "gemma3", dataclasses.replace(ARCHITECTURES["gemma3"], unsupported="a reason"))
     with pytest.raises(ValueError, match="not supported: a reason"):
-        load_adapter({"device": "cpu"}, str(stub))
+        load_adapter(ModelSpec(name="stub", checkpoint=str(stub), device="cpu"))
     if not torchvision_available():
         (stub / "config.json").write_text(json.dumps({"model_type": "llama4"}))
         with pytest.raises(ValueError, match="needs torchvision"):
-            load_adapter({"device": "cpu"}, str(stub))
+            load_adapter(ModelSpec(name="stub", checkpoint=str(stub), device="cpu"))
 
 
 def test_module_at_names_the_missing_step():

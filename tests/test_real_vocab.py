@@ -31,6 +31,7 @@ from stagelens.adapters.architectures import ARCHITECTURES
 from stagelens.adapters.base import ANSWER_WORDS
 from stagelens import prompts as prompt_module
 from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
+from stagelens.spec import ModelSpec
 
 # Two-token answer paths ("▁" then "1" for Llama-2 digits) in the adapter's answer scoring.
 HAS_PATHS = hasattr(prompt_module, "answer_token_paths")
@@ -301,7 +302,8 @@ def processors(tokenizers, tmp_path_factory):
         _save_checkpoint_processor(name, tokenizer, out)
         model_cfg = paper_config()["models"][name]
         facts = ARCHITECTURES[MODEL_TYPES[name]]
-        loaded[name] = hf._load_processor(facts, str(out), None, model_cfg, model_cfg.get("max_pixels"))
+        spec = ModelSpec(name=name, checkpoint=str(out), max_pixels=model_cfg.get("max_pixels"))
+        loaded[name] = hf._load_processor(facts, spec)
     return loaded
 
 

@@ -228,21 +228,25 @@ def check(model_type: str, workdir: str | Path, checkpoint: str | Path | None = 
     facts = facts_for(model_type)
     if facts is None:
         raise ValueError(f"{model_type!r} is not in the architecture table")
-    cfg = {"dtype": "float32", "device": "cpu"}
+    from stagelens.spec import ModelSpec
+
+    def spec(path) -> ModelSpec:
+        return ModelSpec(name=model_type, checkpoint=str(path), dtype="float32", device="cpu")
+
     if model_type not in RECIPES or (facts.needs_torchvision and not torchvision_available()):
         # No tiny model can be built here: loading must still fail early with the table's reason.
         stub = Path(workdir) / f"{model_type}-stub"
         stub.mkdir(parents=True, exist_ok=True)
         (stub / "config.json").write_text(json.dumps({"model_type": model_type}))
         try:
-            load_adapter(cfg, str(stub))
+            load_adapter(spec(stub))
         except ValueError as err:
             results["loads"] = f"fail: {str(err).split(': ', 1)[-1]}"
             return results
         raise AssertionError(f"{model_type}: no tiny recipe, yet a stub checkpoint did not fail to load")
     path = checkpoint if checkpoint is not None else build(model_type, Path(workdir) / model_type)
     try:
-        adapter = load_adapter(cfg, str(path))
+        adapter = load_adapter(spec(path))
     except Exception as err:
         results["loads"] = f"fail: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
         return results
