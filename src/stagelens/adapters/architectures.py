@@ -48,31 +48,29 @@ def _hf(model_type: str, model_class: str, processor_class: str, lm: str = "mode
     )
 
 
+def _mrope(model_type: str, model_class: str, processor_class: str, chat_template: str, max_pixels: bool = True,
+           **facts) -> ArchitectureFacts:
+    """Qwen-VL-style families: vision tower `model.visual`, 3-D M-RoPE positions built by the model
+    from `image_grid_thw` / `mm_token_type_ids`, a processor that insists on a video processor."""
+    return _hf(model_type, model_class, processor_class, vision="model.visual",
+               extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
+               max_pixels=max_pixels, chat_template=chat_template, **facts)
+
+
 _FACTS = [
     _hf("llava", "LlavaForConditionalGeneration", "LlavaProcessor", extra_inputs=(), chat_template="llava-1.5-7b-hf.jinja"),
     _hf("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextProcessor", extra_inputs=("image_sizes",),
         chat_template="llama3-llava-next-8b-hf.jinja"),
-    _hf("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", vision="model.visual",
-        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
-        max_pixels=True, chat_template="Qwen2-VL-7B-Instruct.jinja"),
-    _hf("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", vision="model.visual",
-        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
-        max_pixels=True, chat_template="Qwen2.5-VL-7B-Instruct.jinja"),
-    _hf("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", vision="model.visual",
-        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
-        max_pixels=True, chat_template="Qwen3-VL-8B-Instruct.jinja"),
-    _hf("glm4v", "Glm4vForConditionalGeneration", "Glm4vProcessor", vision="model.visual",
-        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
-        chat_template="stand-in-glm4v.jinja", template_is_stand_in=True),
-    _hf("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor", vision="model.visual",
-        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
-        max_pixels=True, chat_template="Qwen3-VL-8B-Instruct.jinja"),
-    _hf("glm4v_moe", "Glm4vMoeForConditionalGeneration", "Glm4vProcessor", vision="model.visual",
-        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
-        chat_template="stand-in-glm4v.jinja", template_is_stand_in=True),
-    _hf("glm46v", "Glm46VForConditionalGeneration", "Glm46VProcessor", vision="model.visual",
-        extra_inputs=("image_grid_thw", "mm_token_type_ids"), position_ids=False, image_only_processor=True,
-        chat_template="stand-in-glm4v.jinja", template_is_stand_in=True),
+    _mrope("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2-VL-7B-Instruct.jinja"),
+    _mrope("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2.5-VL-7B-Instruct.jinja"),
+    _mrope("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3-VL-8B-Instruct.jinja"),
+    _mrope("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor", "Qwen3-VL-8B-Instruct.jinja"),
+    _mrope("glm4v", "Glm4vForConditionalGeneration", "Glm4vProcessor", "stand-in-glm4v.jinja", max_pixels=False,
+           template_is_stand_in=True),
+    _mrope("glm4v_moe", "Glm4vMoeForConditionalGeneration", "Glm4vProcessor", "stand-in-glm4v.jinja",
+           max_pixels=False, template_is_stand_in=True),
+    _mrope("glm46v", "Glm46VForConditionalGeneration", "Glm46VProcessor", "stand-in-glm4v.jinja", max_pixels=False,
+           template_is_stand_in=True),
     _hf("gemma3", "Gemma3ForConditionalGeneration", "Gemma3Processor", extra_inputs=("token_type_ids",),
         nested_images=True, chat_template="gemma-3-4b-it.jinja"),
     _hf("paligemma", "PaliGemmaForConditionalGeneration", "PaliGemmaProcessor", extra_inputs=("token_type_ids",),

@@ -134,70 +134,58 @@ def _image_only(processor_class, out: Path) -> None:
     _mark_processor_class(out, processor_class.__name__)
 
 
-def _qwen2_5_vl(out: Path, layers: int) -> None:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
-
-    from stagelens.adapters.qwen_processor import image_only_processor
-
-    tok = _qwen_tokenizer()
-    ids = _ids(tok, {t: t for t in _QWEN_SPECIALS})
-    config = Qwen2_5_VLConfig(
-        text_config=_text(
-            layers, vocab_size=len(tok), rope_parameters={"rope_type": "default", "mrope_section": _mrope(HIDDEN // HEADS),
-                                                  "rope_theta": 10000.0},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": HIDDEN,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
-                       "fullatt_block_indexes": [1]},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, patch_size=14,
-                                               merge_size=2, temporal_patch_size=2)
-    processor = image_only_processor(Qwen2_5_VLProcessor)(image_processor, tok,
-                                                          chat_template=template("Qwen2.5-VL-7B-Instruct.jinja"))
-    _save(out, model, processor)
-    _image_only(Qwen2_5_VLProcessor, out)
-
-
-def _qwen3_vl(out: Path, layers: int, config_class: str = "Qwen3VLConfig", model_class: str = "Qwen3VLForConditionalGeneration",
-              **text_extra) -> None:
+def _qwen_vl(out: Path, layers: int, family: str, processor_class: str, chat_template: str, patch: int,
+             vision_extra: dict, rope_extra: dict, **text_extra) -> None:
+    """Qwen2.5-VL / Qwen3-VL (dense and MoE): ViT of `patch`-pixel patches merged 2x2, M-RoPE LM."""
     import transformers
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
+    from transformers import Qwen2VLImageProcessorPil
 
     from stagelens.adapters.qwen_processor import image_only_processor
 
     tok = _qwen_tokenizer()
     ids = _ids(tok, {t: t for t in _QWEN_SPECIALS})
     head_dim = HIDDEN // HEADS
-    config = getattr(transformers, config_class)(
+    config = getattr(transformers, f"{family}Config")(
         text_config=_text(
             layers, vocab_size=len(tok), head_dim=head_dim,
-            rope_parameters={"rope_type": "default", "mrope_section": _mrope(head_dim), "mrope_interleaved": True,
-                             "rope_theta": 10000.0},
+            rope_parameters={"rope_type": "default", "mrope_section": _mrope(head_dim), "rope_theta": 10000.0,
+                             **rope_extra},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
             **text_extra,
         ),
         vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": HIDDEN,
-                       "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                       "num_position_embeddings": 16, "deepstack_visual_indexes": [0]},
+                       "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2, **vision_extra},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    model = getattr(transformers, model_class)(config).eval()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=4 * 32 * 32, max_pixels=16 * 32 * 32, patch_size=16,
-                                               merge_size=2, temporal_patch_size=2)
-    processor = image_only_processor(Qwen3VLProcessor)(image_processor, tok,
-                                                       chat_template=template("Qwen3-VL-8B-Instruct.jinja"))
+    model = getattr(transformers, f"{family}ForConditionalGeneration")(config).eval()
+    merged = 2 * patch  # pixels per side of one image token
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=4 * merged * merged, max_pixels=16 * merged * merged,
+                                               patch_size=patch, merge_size=2, temporal_patch_size=2)
+    cls = getattr(transformers, processor_class)
+    processor = image_only_processor(cls)(image_processor, tok, chat_template=template(chat_template))
     _save(out, model, processor)
-    _image_only(Qwen3VLProcessor, out)
+    _image_only(cls, out)
+
+
+def _qwen2_5_vl(out: Path, layers: int) -> None:
+    _qwen_vl(out, layers, "Qwen2_5_VL", "Qwen2_5_VLProcessor", "Qwen2.5-VL-7B-Instruct.jinja", patch=14,
+             vision_extra={"window_size": 56, "fullatt_block_indexes": [1]}, rope_extra={})
+
+
+# Qwen3-VL: deepstack adds the first ViT block's features to the image positions after LM block 1.
+_QWEN3_VISION = {"num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
+
+
+def _qwen3_vl(out: Path, layers: int) -> None:
+    _qwen_vl(out, layers, "Qwen3VL", "Qwen3VLProcessor", "Qwen3-VL-8B-Instruct.jinja", patch=16,
+             vision_extra=_QWEN3_VISION, rope_extra={"mrope_interleaved": True})
 
 
 def _qwen3_vl_moe(out: Path, layers: int) -> None:
-    _qwen3_vl(out, layers, "Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", moe_intermediate_size=32, num_experts=4,
-              num_experts_per_tok=2)
+    _qwen_vl(out, layers, "Qwen3VLMoe", "Qwen3VLProcessor", "Qwen3-VL-8B-Instruct.jinja", patch=16,
+             vision_extra=_QWEN3_VISION, rope_extra={"mrope_interleaved": True}, moe_intermediate_size=32,
+             num_experts=4, num_experts_per_tok=2)
 
 
 def _glm4v(out: Path, layers: int, config_class: str = "Glm4vConfig", model_class: str = "Glm4vForConditionalGeneration",
@@ -307,45 +295,35 @@ def _idefics_tokenizer():
                                                  "global_image_token": "<global-img>", "video_token": "<video>"})
 
 
-def _idefics3(out: Path, layers: int) -> None:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
-
-    tok = _idefics_tokenizer()
-    ids = _ids(tok, {"image": "<image>", "eos": "<end_of_utterance>", "pad": "<|endoftext|>"})
-    config = Idefics3Config(
-        text_config=_text(layers, model_type="llama", vocab_size=len(tok), eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        image_token_id=ids["image"], scale_factor=2,
-    )
-    model = Idefics3ForConditionalGeneration(config).eval()
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                                                do_image_splitting=True)
-    # No verbatim Idefics3-8B-Llama3 template was collected: a stand-in in its documented turn format.
-    processor = Idefics3Processor(image_processor, tok, image_seq_len=4, chat_template=template("stand-in-idefics3.jinja"))
-    _save(out, model, processor)
-
-
-def _smolvlm(out: Path, layers: int) -> None:
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil, SmolVLMProcessor
+def _idefics3(out: Path, layers: int, family: str = "Idefics3",
+              chat_template: str = "stand-in-idefics3.jinja", image_only: bool = False) -> None:
+    """Idefics3 (and SmolVLM, its successor with the same layout: `family="SmolVLM"`)."""
+    import transformers
 
     from stagelens.adapters.qwen_processor import image_only_processor
 
     tok = _idefics_tokenizer()
     ids = _ids(tok, {"image": "<image>", "eos": "<end_of_utterance>", "pad": "<|endoftext|>"})
-    config = SmolVLMConfig(
+    config = getattr(transformers, f"{family}Config")(
         text_config=_text(layers, model_type="llama", vocab_size=len(tok), eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                        "image_size": 32, "patch_size": 8},
         image_token_id=ids["image"], scale_factor=2,
     )
-    model = SmolVLMForConditionalGeneration(config).eval()
-    image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                                               do_image_splitting=True)
-    processor = image_only_processor(SmolVLMProcessor)(image_processor, tok, image_seq_len=4,
-                                                       chat_template=template("SmolVLM-256M-Instruct.jinja"))
+    model = getattr(transformers, f"{family}ForConditionalGeneration")(config).eval()
+    image_processor = getattr(transformers, f"{family}ImageProcessorPil")(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
+    )
+    processor_class = getattr(transformers, f"{family}Processor")
+    cls = image_only_processor(processor_class) if image_only else processor_class
+    processor = cls(image_processor, tok, image_seq_len=4, chat_template=template(chat_template))
     _save(out, model, processor)
-    _image_only(SmolVLMProcessor, out)
+    if image_only:
+        _image_only(processor_class, out)
+
+
+def _smolvlm(out: Path, layers: int) -> None:
+    _idefics3(out, layers, "SmolVLM", "SmolVLM-256M-Instruct.jinja", image_only=True)
 
 
 def _mistral3(out: Path, layers: int) -> None:
