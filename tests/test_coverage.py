@@ -118,3 +118,41 @@ def test_every_template_file_exists():
     for facts in architectures.ARCHITECTURES.values():
         assert folder.joinpath(facts.chat_template).is_file(), facts.model_type
         assert facts.template_is_stand_in == facts.chat_template.startswith("stand-in-")
+
+
+FOUR = {
+    "tiny-gemma3": {"recipe": "tiny-gemma3"},
+    "tiny-qwen2-5-vl": {"recipe": "tiny-qwen2-5-vl"},
+    "tiny-idefics3": {"recipe": "tiny-idefics3"},
+    # Cross-attention: no image positions, so only the last token is probed.
+    "tiny-mllama": {"recipe": "tiny-mllama", "positions": ["last"]},
+}
+
+
+@pytest.mark.slow
+def test_four_architectures_side_by_side_in_the_workflow(tmp_path):
+    """Snakemake builds four matrix families, probes them and draws them on one depth panel."""
+    import polars as pl
+    from test_workflow import CLASSES, snakemake, synthetic_image, tiny_config, write_config
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for kind in CLASSES:
+        (root / kind).mkdir(parents=True)
+        for i in range(7):
+            synthetic_image(kind, rng).save(root / kind / f"{kind}_{i}.png")
+    models = {name: {**m, "num_layers": 2, "device": "cpu", "batch_size": 4} for name, m in FOUR.items()}
+    cfg = tiny_config(root, models=models)
+    result = snakemake(tmp_path, write_config(tmp_path, cfg), "--cores", "2")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    res = tmp_path / "results"
+    panel = (res / "figures" / "depth_panel.vl.json").read_text(encoding="utf-8")
+    for name, model in FOUR.items():
+        metrics = pl.read_parquet(res / name / "metrics.parquet")
+        assert sorted(metrics["layer"].unique().to_list()) == [0, 1, 2]
+        assert set(metrics["position"].unique().to_list()) == set(model.get("positions", ["last", "image_mean"]))
+        assert f'"{name}"' in panel
+        built = json.loads((res / "models" / name / "config.json").read_text())
+        assert built["model_type"] == name.removeprefix("tiny-").replace("-", "_")

@@ -230,8 +230,10 @@ def check(model_type: str, workdir: str | Path, checkpoint: str | Path | None = 
         raise ValueError(f"{model_type!r} is not in the architecture table")
     from stagelens.spec import ModelSpec
 
+    positions = ("last", "image_mean") if facts.image_tokens_in_sequence else ("last",)
+
     def spec(path) -> ModelSpec:
-        return ModelSpec(name=model_type, checkpoint=str(path), dtype="float32", device="cpu")
+        return ModelSpec(name=model_type, checkpoint=str(path), dtype="float32", device="cpu", positions=positions)
 
     if model_type not in RECIPES or (facts.needs_torchvision and not torchvision_available()):
         # No tiny model can be built here: loading must still fail early with the table's reason.

@@ -305,6 +305,12 @@ def load_hf_adapter(spec: ModelSpec, facts: ArchitectureFacts | None = None) -> 
     device = resolve_device(spec.device)
     max_pixels = spec.max_pixels
     check_supported(facts, model_path)
+    if facts is not None and not facts.image_tokens_in_sequence and "image_mean" in spec.positions:
+        raise ValueError(
+            f"{spec.name}: position 'image_mean' is unavailable for model_type {facts.model_type!r}: its image "
+            "features enter the language model through cross-attention, so no token of the LM sequence holds "
+            "the image; set positions: [last]"
+        )
     if max_pixels is not None and facts is not None and not facts.max_pixels:
         raise ValueError(f"max_pixels is set for {model_path!r}, but only Qwen2-VL-style processors use it")
 

@@ -5,8 +5,28 @@ This module holds only the recipe names, so the config and the workflow can read
 importing torch.
 """
 
-# Seeded tiny models of real MLLM architectures (builders/tiny.py), built by rule build_model.
-TINY_RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
+# The architecture coverage matrix's tiny models (builders/tiny_matrix.py): "tiny-" + model_type
+# with "-" for "_" (tiny-mistral3 needs torchvision).
+MATRIX_RECIPES = (
+    "tiny-qwen2-5-vl",
+    "tiny-qwen3-vl",
+    "tiny-qwen3-vl-moe",
+    "tiny-gemma3",
+    "tiny-paligemma",
+    "tiny-llava-onevision",
+    "tiny-internvl",
+    "tiny-idefics3",
+    "tiny-smolvlm",
+    "tiny-mistral3",
+    "tiny-mllama",
+    "tiny-aya-vision",
+    "tiny-glm4v",
+    "tiny-glm4v-moe",
+    "tiny-glm46v",
+)
+# Seeded tiny models of real MLLM architectures, built by rule build_model: the pipeline's own
+# (builders/tiny.py), then the matrix's.
+TINY_RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", *MATRIX_RECIPES)
 # The embedded default model, built by the rules in workflow/rules/embedded.smk.
 EMBEDDED_RECIPE = "embedded"
 # Every value of a model's `recipe` key (the schema's enum).

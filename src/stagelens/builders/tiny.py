@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from stagelens.atomic import atomic_path
-from stagelens.builders import TINY_RECIPES
+from stagelens.builders import MATRIX_RECIPES, TINY_RECIPES
 
 # Words the prompts and the chat templates use, so they become few BPE tokens.
 _CORPUS = [
@@ -264,6 +264,13 @@ def build(recipe: str, out_dir: str | os.PathLike, seed: int = 0, hidden_size: i
     benchmark uses a wider variant so the forward pass, not Python overhead, dominates.
     """
     if recipe not in _BUILDERS:
+        from stagelens.builders import tiny_matrix
+
+        model_type = recipe.removeprefix("tiny-").replace("-", "_")
+        if recipe in MATRIX_RECIPES:
+            if hidden_size != tiny_matrix.HIDDEN:
+                raise ValueError(f"{recipe} is built at width {tiny_matrix.HIDDEN} only, got hidden_size={hidden_size}")
+            return tiny_matrix.build(model_type, out_dir, seed, num_layers)
         raise ValueError(f"unknown tiny recipe {recipe!r}; known: {', '.join(TINY_RECIPES)}")
     if hidden_size % 8:
         raise ValueError(f"hidden_size must be a multiple of 8 (4 heads, even head dim), got {hidden_size}")

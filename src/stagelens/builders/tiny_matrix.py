@@ -440,6 +440,11 @@ def build(model_type: str, out_dir: str | os.PathLike, seed: int = 0, num_layers
         raise ValueError(f"no tiny recipe for model_type {model_type!r}; known: {', '.join(RECIPES)}")
     if num_layers < 2:
         raise ValueError(f"num_layers must be at least 2, got {num_layers}")
+    from stagelens.adapters.architectures import ARCHITECTURES
+    from stagelens.adapters.qwen_processor import torchvision_available
+
+    if ARCHITECTURES[model_type].needs_torchvision and not torchvision_available():
+        raise ValueError(f"the tiny {model_type} needs torchvision (its processor exists only with torchvision)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
