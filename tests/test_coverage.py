@@ -156,3 +156,26 @@ def test_four_architectures_side_by_side_in_the_workflow(tmp_path):
         assert f'"{name}"' in panel
         built = json.loads((res / "models" / name / "config.json").read_text())
         assert built["model_type"] == name.removeprefix("tiny-").replace("-", "_")
+
+
+def test_workflow_recipes_name_every_matrix_family():
+    import yaml
+
+    from stagelens.builders.tiny_matrix import RECIPES
+    from stagelens.config import TINY_RECIPES
+
+    assert set(TINY_RECIPES) == {"tiny-" + model_type.replace("_", "-") for model_type in RECIPES}
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8"))
+    recipe = schema["$defs"]["model"]["properties"]["recipe"]
+    assert set(recipe["enum"]) == {*TINY_RECIPES, "embedded"}
+
+
+def test_cross_attention_family_refuses_image_mean_at_load(tmp_path):
+    from stagelens.adapters import load_adapter
+    from stagelens.builders.tiny import build
+    from stagelens.spec import ModelSpec
+
+    path = build("tiny-mllama", tmp_path / "mllama", num_layers=2)
+    with pytest.raises(ValueError, match="image_mean' is unavailable .* positions: \\[last\\]"):
+        load_adapter(ModelSpec(name="m", checkpoint=str(path), device="cpu"))
+    assert load_adapter(ModelSpec(name="m", checkpoint=str(path), device="cpu", positions=("last",))).info.num_layers == 2

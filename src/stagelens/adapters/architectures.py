@@ -32,7 +32,7 @@ class ArchitectureFacts:
     position_ids: bool = True
     nested_images: bool = False  # the processor wants one image list per prompt
     image_only_processor: bool = False  # the processor insists on a video processor (torchvision)
-    needs_torchvision: bool = False  # no image processor without torchvision
+    needs_torchvision: str = ""  # why its processor cannot run without torchvision ("" where it can)
     max_pixels: bool = False  # the processor honours max_pixels (Qwen2-VL style)
     chat_template: str = ""  # file under stagelens/builders/chat_templates/
     template_is_stand_in: bool = False  # no published template: a stand-in written for stagelens
@@ -86,16 +86,19 @@ _FACTS = [
         vision="model.vision_model", extra_inputs=("pixel_attention_mask",), nested_images=True,
         image_only_processor=True, chat_template="SmolVLM-256M-Instruct.jinja"),
     _hf("mistral3", "Mistral3ForConditionalGeneration", "PixtralProcessor", extra_inputs=("image_sizes",),
-        needs_torchvision=True, chat_template="stand-in-mistral3.jinja", template_is_stand_in=True),
+        needs_torchvision="PixtralProcessor imports its resize helper from the torchvision image processor",
+        chat_template="stand-in-mistral3.jinja", template_is_stand_in=True),
     ArchitectureFacts(
         "llama4", "Llama4ForConditionalGeneration", "Llama4Processor", decoder_layers="language_model.model.layers",
         final_norm="language_model.model.norm", unembedding="language_model.lm_head", vision_tower="vision_model",
-        needs_torchvision=True, chat_template="Llama-4-Scout-17B-16E-Instruct.jinja",
+        needs_torchvision="Llama4ImageProcessor has only a torchvision backend",
+        chat_template="Llama-4-Scout-17B-16E-Instruct.jinja",
     ),
     ArchitectureFacts(
         "lfm2_vl", "Lfm2VlForConditionalGeneration", "Lfm2VlProcessor", decoder_layers="model.language_model.layers",
         final_norm="model.language_model.embedding_norm", unembedding="lm_head", vision_tower="model.vision_tower",
-        extra_inputs=("spatial_shapes", "pixel_attention_mask"), needs_torchvision=True,
+        extra_inputs=("spatial_shapes", "pixel_attention_mask"),
+        needs_torchvision="Lfm2VlImageProcessor has only a torchvision backend",
         chat_template="LFM2-VL-1.6B.jinja",
     ),
     _hf("aya_vision", "AyaVisionForConditionalGeneration", "AyaVisionProcessor",

@@ -288,9 +288,8 @@ def check_supported(facts: ArchitectureFacts | None, model_path: str) -> None:
         raise ValueError(f"{model_path}: model_type {facts.model_type!r} is not supported: {facts.unsupported}")
     if facts.needs_torchvision and not torchvision_available():
         raise ValueError(
-            f"{model_path}: model_type {facts.model_type!r} needs torchvision (its image processor exists only "
-            "as a torchvision backend) and torchvision is not importable here; install the torchvision build "
-            "matching torch"
+            f"{model_path}: model_type {facts.model_type!r} needs torchvision ({facts.needs_torchvision}) and "
+            "torchvision is not importable here; install the torchvision build matching torch"
         )
 
 

@@ -443,8 +443,9 @@ def build(model_type: str, out_dir: str | os.PathLike, seed: int = 0, num_layers
     from stagelens.adapters.architectures import ARCHITECTURES
     from stagelens.adapters.qwen_processor import torchvision_available
 
-    if ARCHITECTURES[model_type].needs_torchvision and not torchvision_available():
-        raise ValueError(f"the tiny {model_type} needs torchvision (its processor exists only with torchvision)")
+    why = ARCHITECTURES[model_type].needs_torchvision
+    if why and not torchvision_available():
+        raise ValueError(f"the tiny {model_type} needs torchvision: {why}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
