@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stagelens.builders import TINY_RECIPES
+from stagelens.builders import PIPELINE_TINY_RECIPES
 
 # (width, height) of the synthetic images: square, wide and tall, so LLaVA-NeXT and Qwen2-VL
 # produce different image-token counts and prompts need padding within a batch.
@@ -25,7 +25,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     from stagelens.builders.tiny import build
 
     root = tmp_path_factory.mktemp("tiny_models")
-    return {recipe: build(recipe, root / recipe, seed=0) for recipe in TINY_RECIPES}
+    return {recipe: build(recipe, root / recipe, seed=0) for recipe in PIPELINE_TINY_RECIPES}
 
 
 def make_images(directory: Path, n: int, seed: int = 0) -> list[tuple[str, int, str]]:

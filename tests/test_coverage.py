@@ -162,7 +162,7 @@ def test_workflow_recipes_name_every_matrix_family():
     import yaml
 
     from stagelens.builders.tiny_matrix import RECIPES
-    from stagelens.config import TINY_RECIPES
+    from stagelens.builders import TINY_RECIPES
 
     assert set(TINY_RECIPES) == {"tiny-" + model_type.replace("_", "-") for model_type in RECIPES}
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ from PIL import Image
 from script_job import run_script
 from stagelens.extract import Sample, extract, read_split
 from stagelens.adapters import load_adapter
-from stagelens.builders import TINY_RECIPES
+from stagelens.builders import PIPELINE_TINY_RECIPES
 from stagelens.spec import ModelSpec
 from stagelens.adapters.base import ANSWER_WORDS
 from stagelens.store import read_metadata, read_vectors
@@ -26,7 +26,7 @@ def spec_of(path, **keys) -> ModelSpec:
     return ModelSpec(name="tiny", checkpoint=str(path), **{**CFG, **keys})
 PROMPT = {"id": "anchor", "family": "anchor", "text": "Does this image show an animal? The answer must be always yes or no.",
           "expected": "yes"}
-RECIPES = TINY_RECIPES
+RECIPES = PIPELINE_TINY_RECIPES
 META_KEYS = {"model_id", "model_name", "revision", "architecture", "dtype", "device", "layer", "num_layers",
              "layer_convention", "prompt_id", "prompt_family", "prompt_text", "rendered_prompt", "split",
              "positions", "stagelens_version", "transformers_version", "torch_version"}

@@ -16,7 +16,7 @@ from stagelens.adapters import hf, load_adapter, loader_for
 from stagelens.adapters.base import ANSWER_WORDS
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index
 from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
-from stagelens.builders import TINY_RECIPES
+from stagelens.builders import PIPELINE_TINY_RECIPES
 from stagelens.spec import ModelSpec
 
 CFG = {"dtype": "float32", "device": "cpu", "revision": "main"}
@@ -25,7 +25,7 @@ CFG = {"dtype": "float32", "device": "cpu", "revision": "main"}
 def spec_of(path, **keys) -> ModelSpec:
     return ModelSpec(name="tiny", checkpoint=str(path), **{**CFG, **keys})
 QUESTION = "Does this image show an animal? The answer must be always yes or no."
-RECIPES = TINY_RECIPES
+RECIPES = PIPELINE_TINY_RECIPES
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,10 @@ def test_expected_answers_are_the_answer_classes():
 
 
 def test_tiny_builders_cover_the_tiny_recipes():
-    from stagelens.builders import MATRIX_RECIPES, TINY_RECIPES
+    from stagelens.builders import PIPELINE_TINY_RECIPES
     from stagelens.builders.tiny import _BUILDERS
 
-    assert (*_BUILDERS, *MATRIX_RECIPES) == TINY_RECIPES
+    assert tuple(_BUILDERS) == PIPELINE_TINY_RECIPES
 
 
 def test_workflow_figure_formats_are_the_libraries():

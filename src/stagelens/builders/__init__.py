@@ -24,9 +24,10 @@ MATRIX_RECIPES = (
     "tiny-glm4v-moe",
     "tiny-glm46v",
 )
-# Seeded tiny models of real MLLM architectures, built by rule build_model: the pipeline's own
-# (builders/tiny.py), then the matrix's.
-TINY_RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", *MATRIX_RECIPES)
+# The pipeline's own tiny models of the paper's three architectures (builders/tiny.py).
+PIPELINE_TINY_RECIPES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
+# Every seeded tiny model of a real MLLM architecture, built by rule build_model.
+TINY_RECIPES = (*PIPELINE_TINY_RECIPES, *MATRIX_RECIPES)
 # The embedded default model, built by the rules in workflow/rules/embedded.smk.
 EMBEDDED_RECIPE = "embedded"
 # Every value of a model's `recipe` key (the schema's enum).
