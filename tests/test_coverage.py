@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,8 @@ FOUR = {
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("STAGELENS_MATRIX_WORKFLOW") != "1",
+                    reason="opt-in (STAGELENS_MATRIX_WORKFLOW=1): four full tiny runs exceed make test's budget")
 def test_four_architectures_side_by_side_in_the_workflow(tmp_path):
     """Snakemake builds four matrix families, probes them and draws them on one depth panel."""
     import polars as pl
@@ -153,7 +156,7 @@ def test_four_architectures_side_by_side_in_the_workflow(tmp_path):
         metrics = pl.read_parquet(res / name / "metrics.parquet")
         assert sorted(metrics["layer"].unique().to_list()) == [0, 1, 2]
         assert set(metrics["position"].unique().to_list()) == set(model.get("positions", ["last", "image_mean"]))
-        assert f'"{name}"' in panel
+        assert f"{name} (L = 2, position last)" in panel  # its row of the depth panel
         built = json.loads((res / "models" / name / "config.json").read_text())
         assert built["model_type"] == name.removeprefix("tiny-").replace("-", "_")
 
