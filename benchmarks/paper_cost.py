@@ -4,7 +4,10 @@ Estimates, printed (never asserted):
 - forward FLOPs per image ~ 2 x N_params x T (T = image tokens + prompt tokens), the image passes
   per model (train split x anchor + test split x every prompt), the GPU time at an effective
   throughput (default 250 TFLOP/s bf16: ~25% of an H100's dense peak);
-- embedding disk: (L + 1) layers x positions x width x bytes per image pass;
+- embedding disk: (L + 1) layers x positions x width x bytes per image pass, before and after
+  the image pass (before: every prompt's files also held the image positions; after: the image
+  positions once per image, the prompts' files only the prompt-dependent ones), and the GPU cost
+  of the image pass itself (image tokens + the template's few tokens before them, per image);
 - probe training: one job per layer fits, per position, the CV grid (folds x Cs), the refit and
   the shuffled-label control; with --measure-fit, one position is fitted with the torch solver
   (probe.solver: torch) on synthetic hidden states of the paper's size (6,000 x 4,096, 120
@@ -37,6 +40,8 @@ MODELS = {
 WIDTH = {"llava-hf/llava-1.5-7b-hf": 4096, "llava-hf/llama3-llava-next-8b-hf": 4096,
          "Qwen/Qwen2-VL-7B-Instruct": 3584, "llava-hf/llava-v1.6-vicuna-7b-hf": 4096}
 PROMPT_TOKENS = 35  # template + question: 27-40 tokens for the paper prompts in the real vocabularies
+PREFIX_TOKENS = 20  # template tokens before the last image token: 4 (LLaVA-1.5) to 20 (Qwen2-VL's system turn)
+IMAGE_POSITIONS = ("image_mean",)  # stagelens.positions.IMAGE_POSITIONS (not imported: no install needed)
 GIB = 1024**3
 
 
@@ -59,31 +64,41 @@ def passes_per_model(cfg: dict) -> tuple[int, int, int]:
 def gpu_and_disk(cfg: dict, tflops: float, all_models: bool) -> None:
     train, test, prompts = passes_per_model(cfg)
     passes = train + test
-    print(f"image passes per model: {train} train (anchor) + {test} test ({prompts} prompts) = {passes}")
-    print(f"{'model':<24}{'T':>6}{'TFLOP/img':>11}{'s/img':>8}{'GPU h':>8}{'MiB/img':>9}{'GiB':>7}")
-    total_h = total_gib = 0.0
+    images = train + test // prompts
+    print(f"image passes per model: {train} train (anchor) + {test} test ({prompts} prompts) = {passes}; "
+          f"image pass: {images} images (train + test, once each)")
+    print(f"{'model':<24}{'T':>6}{'TFLOP/img':>11}{'GPU h':>8}{'+image h':>9}{'GiB before':>11}{'GiB after':>10}")
+    total_h = total_image_h = total_before = total_after = 0.0
     for name, m in cfg["models"].items():
         if not (m.get("enabled", True) or all_models):
             continue
         spec = MODELS[m["path"]]
         tokens = spec["image_tokens"] + PROMPT_TOKENS
         tflop = 2 * spec["params"] * tokens / 1e12
-        seconds = tflop / tflops
-        hours = passes * seconds / 3600
+        hours = passes * tflop / tflops / 3600
+        image_hours = images * 2 * spec["params"] * (spec["image_tokens"] + PREFIX_TOKENS) / 1e12 / tflops / 3600
         layers = len(m.get("layers") or range(m["num_layers"] + 1))
         nbytes = 2 if m.get("vector_dtype", "float32") == "float16" else 4
-        per_image = layers * len(m.get("positions", ["last", "image_mean"])) * WIDTH[m["path"]] * nbytes
-        gib = passes * per_image / GIB
-        total_h, total_gib = total_h + hours, total_gib + gib
-        print(f"{name:<24}{tokens:>6}{tflop:>11.1f}{seconds:>8.3f}{hours:>8.2f}{per_image / 2**20:>9.3f}{gib:>7.1f}")
-    print(f"{'total':<24}{'':>6}{'':>11}{'':>8}{total_h:>8.2f}{'':>9}{total_gib:>7.1f}")
-    print(f"(effective throughput {tflops:.0f} TFLOP/s; model loading, image decoding and padding not included)")
+        positions = m.get("positions", ["last", "image_mean"])
+        n_image = sum(p in IMAGE_POSITIONS for p in positions)
+        vector = layers * WIDTH[m["path"]] * nbytes
+        before = passes * len(positions) * vector / GIB
+        after = (passes * (len(positions) - n_image) + images * n_image) * vector / GIB
+        total_h, total_image_h = total_h + hours, total_image_h + (image_hours if n_image else 0.0)
+        total_before, total_after = total_before + before, total_after + after
+        print(f"{name:<24}{tokens:>6}{tflop:>11.1f}{hours:>8.2f}{image_hours if n_image else 0.0:>9.2f}"
+              f"{before:>11.1f}{after:>10.1f}")
+    print(f"{'total':<24}{'':>6}{'':>11}{total_h:>8.2f}{total_image_h:>9.2f}{total_before:>11.1f}{total_after:>10.1f}")
+    print(f"(effective throughput {tflops:.0f} TFLOP/s; model loading, image decoding and padding not included; "
+          "+image h: the image pass, which stops at the last image token)")
 
 
 def probe_plan(cfg: dict) -> tuple[int, int, int, int]:
     """(positions, fits per probe job, samples, classes) of the paper config."""
     probe = cfg.get("probe", {})
     folds, cs = probe.get("cv_folds", 5), len(probe.get("Cs", [0.001, 0.01, 0.1, 1.0, 10.0]))
+    # Every position is fitted once per layer: the prompt-dependent ones by train_probe, the image
+    # positions by train_image_probe.
     positions = len(next(iter(cfg["models"].values())).get("positions", ["last", "image_mean"]))
     fits = positions * (folds * cs + 2)  # CV grid, refit, shuffled-label control
     train, _, _ = passes_per_model(cfg)
@@ -125,15 +140,15 @@ def main() -> None:
     positions, fits, n, classes = probe_plan(cfg)
     layers = sum(len(m.get("layers") or range(m["num_layers"] + 1))
                  for m in cfg["models"].values() if m.get("enabled", True) or args.all_models)
-    print(f"\nprobe jobs: {layers} (one per model x layer), {fits} logistic-regression fits each "
-          f"({n} samples, {classes} classes)")
+    print(f"\nprobe jobs: {layers} train_probe + {layers} train_image_probe (one each per model x layer), "
+          f"{fits} logistic-regression fits per layer over both ({n} samples, {classes} classes)")
     if args.measure_fit:
         seconds, iters, converged = measure_fit(classes, n // classes, 4096, args.device, args.threads)
         per_job = positions * seconds
         print(f"  torch solver, one position at width 4096 on {args.device} ({args.threads} threads): "
               f"{seconds:.1f} s, {iters} L-BFGS iterations, all converged: {converged}")
-        print(f"  ~{per_job:.0f} s per probe job ({positions} positions), "
-              f"~{layers * per_job / 3600:.1f} h for all {layers} jobs on this device")
+        print(f"  ~{per_job:.0f} s per layer ({positions} positions), "
+              f"~{layers * per_job / 3600:.1f} h for all {2 * layers} probe jobs on this device")
 
 
 if __name__ == "__main__":

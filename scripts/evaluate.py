@@ -1,4 +1,5 @@
-"""Snakemake job evaluate: frozen probes of one model x layer on one prompt's test vectors."""
+"""Snakemake jobs evaluate (one prompt's test vectors) and evaluate_image (the image pass's: no
+anchor to compare with, so no drop): frozen probes of one model x layer."""
 
 from stagelens.job import start
 
@@ -10,5 +11,5 @@ from stagelens.metrics import EvalSettings  # noqa: E402
 settings = EvalSettings(n_bootstrap=int(smk.params.evaluate["n_bootstrap"]), ci=float(smk.params.evaluate["ci"]),
                         seed=int(smk.params.seed))
 rows = evaluate_layer(smk.input.probe, smk.input.control, smk.input.variant, smk.input.anchor,
-                      smk.params.prompt, smk.params.model_name, settings)
+                      smk.params.prompt, smk.params.model_name, settings, readout=smk.params.readout)
 write_rows(rows, smk.output.metrics)

@@ -1,4 +1,6 @@
-"""Snakemake job extract_{model}: one split x prompt through the model, every layer's file in one pass."""
+"""Snakemake jobs extract_{model} (one split x prompt: the prompt-dependent positions and the
+answers) and image_pass_{model} (one split: the image positions, read once per image); every
+layer's file in one pass."""
 
 from stagelens.job import start
 
@@ -9,13 +11,16 @@ import sys  # noqa: E402
 import torch  # noqa: E402
 
 from stagelens.adapters import load_adapter  # noqa: E402
-from stagelens.extract import extract, read_split  # noqa: E402
+from stagelens.extract import extract, extract_image, read_split  # noqa: E402
 from stagelens.spec import ModelSpec  # noqa: E402
 
 spec = ModelSpec.from_config(smk.params.model_name, smk.params.model, str(smk.params.model_path))
 torch.set_num_threads(max(1, int(smk.threads)))
 adapter = load_adapter(spec)
 print(f"loaded {adapter.info}", file=sys.stderr)
-summary = extract(adapter, spec, read_split(smk.input.manifest, smk.params.split), dict(smk.params.prompt),
-                  list(smk.output.embeddings), smk.output.answers, split=smk.params.split)
+samples, split, embeddings = read_split(smk.input.manifest, smk.params.split), smk.params.split, list(smk.output.embeddings)
+if hasattr(smk.params, "prompt"):  # extract_<model>; image_pass_<model> has no prompt
+    summary = extract(adapter, spec, samples, dict(smk.params.prompt), embeddings, smk.output.answers, split=split)
+else:
+    summary = extract_image(adapter, spec, samples, embeddings, split=split)
 print(f"wrote {summary['rows']} rows x {len(summary['layers'])} layers in {summary['seconds']:.1f} s", file=sys.stderr)

@@ -24,7 +24,7 @@ def answers(words: list[str], seed: int) -> pl.DataFrame:
 
 
 def metric_rows(num_layers: int = 2) -> list[pl.DataFrame]:
-    return [pl.DataFrame([{"model": "m", "position": "last", "layer": layer, "num_layers": num_layers,
+    return [pl.DataFrame([{"model": "m", "readout": "prompt", "position": "last", "layer": layer, "num_layers": num_layers,
                            "prompt": p["id"], "family": p["family"], "expected": p["expected"],
                            "drop": 0.0, "drop_p": 1.0}])
             for layer in reversed(range(num_layers + 1)) for p in PROMPTS]

@@ -196,6 +196,26 @@ def test_adapter_shapes_and_values_match_a_plain_forward(model, images):
         np.testing.assert_allclose(out.answer_probs[:, column], expected, rtol=1e-5, atol=1e-7)
 
 
+def test_image_pass_and_question_last_match_a_plain_forward(model, images):
+    """The image pass (tokens up to the last image token) gives the image_mean of a full forward
+    under the question; question_last is the question's last token of that forward."""
+    adapter = adapter_for(model)
+    layers = [0, 1, 2]
+    full = adapter.forward(images, QUESTION, layers, ["question_last", "image_mean"])
+    shared = adapter.forward_image(images, layers)
+    assert set(shared.vectors) == {"image_mean"} and shared.answer_probs.shape == (len(images), 0)
+    np.testing.assert_allclose(shared.vectors["image_mean"], full.vectors["image_mean"], rtol=1e-5, atol=1e-5)
+    ids = model.tokenizer(model.render_prompt(QUESTION), add_special_tokens=False)["input_ids"]
+    question_ids = model.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    end = max(i for i in range(len(ids)) if ids[i - len(question_ids) + 1 : i + 1] == question_ids)
+    batch = torch.tensor([ids] * len(images))
+    with torch.no_grad():
+        hidden = model.lm(inputs_embeds=model.inputs_embeds(batch, model.pixel_values(images)),
+                          output_hidden_states=True).hidden_states
+    for slot, layer in enumerate(layers[:-1]):
+        np.testing.assert_allclose(full.vectors["question_last"][slot], hidden[layer][:, end].numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_answer_tokens_are_the_words_themselves(tokenizer_template):
     ids = answer_token_ids(tokenizer_template)
     for word in ANSWER_WORDS:

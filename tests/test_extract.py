@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from script_job import run_script
-from stagelens.extract import Sample, extract, read_split
+from stagelens.extract import Sample, extract, extract_image, read_split
 from stagelens.adapters import load_adapter
 from stagelens.builders import PIPELINE_TINY_RECIPES
 from stagelens.spec import ModelSpec
@@ -46,32 +46,49 @@ def outputs(root: Path, layers):
     return [root / "emb" / f"layer{layer}.parquet" for layer in layers], root / "answers.parquet"
 
 
-def run(adapter, samples, root, layers=None, batch_size=3, **kw):
+POSITIONS = ("last", "question_last", "image_mean")
+
+
+def run(adapter, samples, root, layers=None, batch_size=3, prompt=PROMPT, **kw):
     spec = spec_of(adapter.info.model_id, layers=None if layers is None else tuple(layers), batch_size=batch_size,
-                   positions=("last", "image_mean"), **kw)
+                   positions=POSITIONS, **kw)
     emb, ans = outputs(root, spec.layers_of(adapter.info.num_layers))
-    extract(adapter, spec, samples, PROMPT, emb, ans, split="test", progress=False)
+    extract(adapter, spec, samples, prompt, emb, ans, split="test", progress=False)
     return emb, ans
+
+
+def run_image(adapter, samples, root, batch_size=3, **kw):
+    spec = spec_of(adapter.info.model_id, batch_size=batch_size, positions=POSITIONS, **kw)
+    emb = [root / "image" / f"layer{layer}.parquet" for layer in spec.layers_of(adapter.info.num_layers)]
+    extract_image(adapter, spec, samples, emb, split="test", progress=False)
+    return emb
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_extract_end_to_end(adapters, samples, tmp_path, recipe):
+    """Prompt files (last, question_last) and the image pass (image_mean) equal full per-prompt
+    forwards of one image at a time, fp32, to 1e-5."""
     adapter = adapters[recipe]
     emb, ans = run(adapter, samples, tmp_path, num_layers=4)
+    image_emb = run_image(adapter, samples, tmp_path, batch_size=4, num_layers=4)
     images = [Image.open(s.path).convert("RGB") for s in samples]
-    direct = [adapter.forward([im], PROMPT["text"], list(range(5)), ["last", "image_mean"]) for im in images]
-    for layer, path in enumerate(emb):
-        meta = read_metadata(path)
+    direct = [adapter.forward([im], PROMPT["text"], list(range(5)), list(POSITIONS)) for im in images]
+    for layer, (path, image_path) in enumerate(zip(emb, image_emb)):
+        meta, image_meta = read_metadata(path), read_metadata(image_path)
         assert META_KEYS <= set(meta)
         assert meta["layer"] == layer and meta["num_layers"] == 4 and meta["split"] == "test"
         assert meta["rendered_prompt"] == adapter.render_prompt(PROMPT["text"])
-        assert meta["architecture"] == adapter.info.architecture and meta["positions"] == ["last", "image_mean"]
-        for pos in ("last", "image_mean"):
-            ids, labels, vectors = read_vectors(path, pos)
+        assert meta["architecture"] == adapter.info.architecture and meta["positions"] == ["last", "question_last"]
+        assert image_meta["pass"] == "image" and image_meta["positions"] == ["image_mean"]
+        assert image_meta["prompt_id"] is None and image_meta["layer"] == layer
+        assert pq.read_schema(path).names == ["sample_id", "label", "last", "question_last"]
+        assert pq.read_schema(image_path).names == ["sample_id", "label", "image_mean"]
+        for pos in POSITIONS:
+            ids, labels, vectors = read_vectors(image_path if pos == "image_mean" else path, pos)
             assert ids.tolist() == [s.sample_id for s in samples]
             assert labels.tolist() == [s.label for s in samples]
             expected = np.stack([d.vectors[pos][layer, 0] for d in direct])
-            np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=1e-4)
+            np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=1e-5)
     answers = pq.read_table(ans).to_pydict()
     assert answers["sample_id"] == [s.sample_id for s in samples]
     probs = np.array([answers[f"p_{w}"] for w in ANSWER_WORDS]).T
@@ -93,7 +110,7 @@ def test_outputs_read_as_is_by_polars_pandas_duckdb(adapters, samples, tmp_path)
     np.testing.assert_array_equal(frame["last"].to_numpy(), vectors)
     assert pd.read_parquet(emb[0]).shape == (len(samples), 4)
     count, width = duckdb.connect().execute(
-        f"SELECT count(*), max(len(image_mean)) FROM read_parquet('{emb[0]}')").fetchone()
+        f"SELECT count(*), max(len(question_last)) FROM read_parquet('{emb[0]}')").fetchone()
     assert (count, width) == (len(samples), 64)
     assert pl.read_parquet(ans).height == pd.read_parquet(ans).shape[0] == len(samples)
 
@@ -107,6 +124,9 @@ class _FailingAdapter:
 
     def render_prompt(self, question):
         return self.adapter.render_prompt(question)
+
+    def layout(self, question):
+        return self.adapter.layout(question)
 
     def forward(self, *args):
         self.calls += 1
@@ -171,6 +191,13 @@ def test_job_scripts_build_and_extract(tmp_path, image_rows):
     assert ids.tolist() == [r[0] for r in image_rows] and vectors.shape == (len(image_rows), 64)
     assert read_metadata(emb[1])["layer"] == 3 and read_metadata(emb[1])["model_name"] == "tiny-llava"
     assert "wrote 7 rows x 2 layers" in (tmp_path / "extract.log").read_text()
+    image = [tmp_path / "image" / f"layer{layer}.parquet" for layer in layers]
+    run_script("extract.py", input={"manifest": manifest, "model": model_dir}, output={"embeddings": image},
+               log=tmp_path / "image.log", params={"model_name": "tiny-llava", "model_path": str(model_dir),
+                                                   "model": {**model_cfg, "positions": ["last", "image_mean"]},
+                                                   "split": "test"})
+    assert pq.read_schema(image[1]).names == ["sample_id", "label", "image_mean"]
+    assert read_metadata(image[1])["pass"] == "image" and read_vectors(image[1], "image_mean")[2].shape == (7, 64)
 
 
 def test_float16_vectors_only_for_half_precision_models(adapters, samples, tiny_model_dirs, tmp_path):
@@ -192,8 +219,14 @@ class _ForwardOnly:
     def render_prompt(self, question):
         return self.adapter.render_prompt(question)
 
+    def layout(self, question):
+        return self.adapter.layout(question)
+
     def forward(self, *args):
         return self.adapter.forward(*args)
+
+    def forward_image(self, *args):
+        return self.adapter.forward_image(*args)
 
 
 def test_look_ahead_and_plain_forward_paths_write_the_same(adapters, samples, tmp_path):
@@ -203,3 +236,22 @@ def test_look_ahead_and_plain_forward_paths_write_the_same(adapters, samples, tm
     for a, b in zip(emb_a, emb_b):
         assert pq.read_table(a).equals(pq.read_table(b))
     assert pq.read_table(ans_a).equals(pq.read_table(ans_b))
+    image_a = run_image(adapter, samples, tmp_path / "a", layers=(0, 4), batch_size=2)
+    image_b = run_image(_ForwardOnly(adapter), samples, tmp_path / "b", layers=(0, 4), batch_size=2)
+    for a, b in zip(image_a, image_b):
+        assert pq.read_table(a).equals(pq.read_table(b))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_prompt_with_text_before_the_image_is_refused(adapters, samples, tmp_path, recipe):
+    """A template that puts the question before the image too makes the image tokens depend on
+    the prompt: the prompt's extraction fails, naming it, and writes nothing."""
+    adapter = adapters[recipe]
+    template = adapter.processor.chat_template
+    adapter.processor.chat_template = "{{ messages[0]['content'][1]['text'] }}\n" + template
+    try:
+        with pytest.raises(ValueError, match=r"prompt 'anchor' under model 'tiny'.*differ from the image pass's"):
+            run(adapter, samples, tmp_path, layers=[0])
+    finally:
+        adapter.processor.chat_template = template
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -24,18 +24,24 @@ PROMPTS = {"anchor": "anchor", "lex_picture": "lexical", "neg_plane": "negation"
 
 
 def _metrics(model: str, num_layers: int) -> pl.DataFrame:
+    """Prompt rows at last and question_last, and the image pass's rows at image_mean (no drop)."""
     rows = []
-    for position in ("last", "image_mean"):
+    readouts = [("last", PROMPTS), ("question_last", PROMPTS), ("image_mean", {"image": "image"})]
+    for position, prompts in readouts:
         for layer in range(num_layers + 1):
-            for prompt, family in PROMPTS.items():
+            for prompt, family in prompts.items():
                 drop = 0.3 if family == "negation" and layer > num_layers // 2 else 0.0
                 accuracy = 0.8 - drop
+                image = family == "image"
                 rows.append({
-                    "model": model, "revision": "main", "position": position, "layer": layer,
+                    "model": model, "revision": "main", "readout": "image" if image else "prompt",
+                    "position": position, "layer": layer,
                     "num_layers": num_layers, "depth": layer / num_layers, "prompt": prompt, "family": family,
                     "n": 200, "chance": 0.1, "accuracy": accuracy, "accuracy_ci_low": accuracy - 0.05,
-                    "accuracy_ci_high": accuracy + 0.05, "control_accuracy": 0.11, "drop": drop,
-                    "drop_ci_low": drop - 0.04, "drop_ci_high": drop + 0.04, "drop_p": 1e-9 if drop else 0.6,
+                    "accuracy_ci_high": accuracy + 0.05, "control_accuracy": 0.11,
+                    "drop": None if image else drop, "drop_ci_low": None if image else drop - 0.04,
+                    "drop_ci_high": None if image else drop + 0.04,
+                    "drop_p": None if image else 1e-9 if drop else 0.6,
                 })
     return pl.DataFrame(rows)
 
@@ -88,7 +94,12 @@ def test_accuracy_chart_has_bands_lines_control_and_chance(tmp_path):
     assert any(f["x"] == "layer" and f["y"] == "accuracy" and f["color"] == "series" for f in lines)
     assert any(f["y"] == "control_accuracy" for f in lines)
     rows = list(spec["datasets"].values())[0]
-    assert len(rows) == 2 * 5 * len(PROMPTS)  # positions x layers x prompts, aggregated before plotting
+    # prompt positions x layers x (prompts + the image reference), aggregated before plotting
+    assert len(rows) == 2 * 5 * (len(PROMPTS) + 1)
+    image = [r for r in rows if r["readout"] == "image"]
+    assert {r["position"] for r in image} == {"last", "question_last"}  # the reference in every facet
+    assert {r["series"] for r in image} == {"image tokens (image_mean)"}
+    assert {r["position"] for r in rows} == {"last", "question_last"}  # no image_mean facet
 
 
 def test_drop_heatmap_encodes_drop_per_layer_and_prompt(tmp_path):
@@ -98,6 +109,7 @@ def test_drop_heatmap_encodes_drop_per_layer_and_prompt(tmp_path):
     assert "text" in units
     rows = list(spec["datasets"].values())[0]
     assert {r["series"] for r in rows} == {f"{p} ({f})" for p, f in PROMPTS.items() if f != "anchor"}
+    assert {r["position"] for r in rows} == {"last", "question_last"}  # no rows that cannot move
     assert sum(r["significant"] for r in rows) == 2 * 2  # negation at layers 3, 4 in both positions
 
 
@@ -128,10 +140,10 @@ def test_job_functions_name_their_charts():
     charts = model_charts(_metrics("m", 4), _behaviour(), "m", 0.05, 0.05)
     assert list(charts) == ["accuracy", "drop_heatmap", "answers"]
     assert "m @ main:" in json.dumps(charts["accuracy"].to_dict()["title"])
-    metrics = [_metrics("a", 4), _metrics("b", 8).filter(pl.col("position") == "image_mean")]
+    metrics = [_metrics("a", 4), _metrics("b", 8).filter(pl.col("position") != "last")]
     stages = [stages_table(m, n, 0.05, 0.05) for m, n in zip(metrics, (4, 8))]
     spec = depth_panel_chart(metrics, stages).to_dict()
-    assert len(spec["vconcat"]) == 1  # "last" where probed: model b has only image_mean
+    assert len(spec["vconcat"]) == 1  # "last" where probed: model b has only question_last (and image_mean)
     curve = loss_chart([3.0, 2.0, 1.5], "loss").to_dict()
     values = next(iter(curve["datasets"].values()))
     assert [v["loss"] for v in values] == [3.0, 2.0, 1.5] and [v["step"] for v in values] == [1, 2, 3]

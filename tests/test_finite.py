@@ -8,7 +8,7 @@ import pytest
 
 from stagelens.adapters import load_adapter
 from stagelens.adapters.layers import find_decoder_layers
-from stagelens.extract import Sample, extract
+from stagelens.extract import Sample, extract, extract_image
 from stagelens.finite import NonFiniteError, check_finite, nonfinite_vectors
 from stagelens.spec import ModelSpec
 
@@ -39,8 +39,10 @@ def test_many_faults_are_counted_past_the_first_ten():
         check_finite(vectors, [0, 1], [f"s{i:02d}" for i in range(30)])
 
 
-def test_extraction_stops_on_a_nan_hidden_state_and_writes_nothing(tiny_model_dirs, image_rows, tmp_path):
-    """A real tiny model with NaN injected after decoder block 1 for one image of the second batch."""
+@pytest.mark.parametrize("image_pass", [False, True], ids=["prompt", "image_pass"])
+def test_extraction_stops_on_a_nan_hidden_state_and_writes_nothing(tiny_model_dirs, image_rows, tmp_path, image_pass):
+    """A real tiny model with NaN injected after decoder block 1 for one image of the second batch,
+    in a prompt's extraction (last) and in the image pass (image_mean)."""
     spec = ModelSpec(name="tiny", checkpoint=str(tiny_model_dirs["tiny-llava"]), dtype="float32", device="cpu",
                      revision="main", batch_size=2, positions=("last", "image_mean"))
     adapter = load_adapter(spec)
@@ -59,14 +61,17 @@ def test_extraction_stops_on_a_nan_hidden_state_and_writes_nothing(tiny_model_di
     layers = spec.layers_of(adapter.info.num_layers)
     try:
         with pytest.raises(NonFiniteError) as info:
-            extract(adapter, spec, samples, PROMPT, [out / f"layer{layer}.parquet" for layer in layers],
-                    out / "answers.parquet", split="test", progress=False)
+            paths = [out / f"layer{layer}.parquet" for layer in layers]
+            if image_pass:
+                extract_image(adapter, spec, samples, paths, split="test", progress=False)
+            else:
+                extract(adapter, spec, samples, PROMPT, paths, out / "answers.parquet", split="test", progress=False)
     finally:
         handle.remove()
     message = str(info.value)
     # Block 1's output is layer 2 (layer 0 = embeddings); the NaN runs on through the later layers.
+    position = "image_mean" if image_pass else "last"  # the image pass keeps the image positions only
     for layer in layers[2:]:
-        for position in ("last", "image_mean"):
-            assert f"layer {layer}, position {position}, sample {samples[3].sample_id}: NaN" in message
+        assert f"layer {layer}, position {position}, sample {samples[3].sample_id}: NaN" in message
     assert "layer 1," not in message and samples[2].sample_id not in message
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))

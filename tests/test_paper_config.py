@@ -116,16 +116,22 @@ def paper_cfg(tmp_path) -> dict:
 
 @pytest.mark.slow
 def test_paper_dry_run_job_counts(paper_cfg, tmp_path):
-    """3 models x (1 train + 7 test extractions); probes per layer 0..L (33 + 33 + 29 = 95);
-    evaluations per layer x prompt (95 x 7); one aggregate and figure set per model."""
+    """3 models x (1 train + 7 test extractions + 2 image passes); probes per layer 0..L
+    (33 + 33 + 29 = 95) and image probes per layer; evaluations per layer x prompt (95 x 7) and
+    image evaluations per layer (95); one aggregate and figure set per model."""
     assert dry_run(tmp_path, paper_cfg) == {
         "all": 1,
         "prepare_dataset": 1,
         "extract_llava_1_5_7b": 8,
         "extract_llava_next_llama3_8b": 8,
         "extract_qwen2_vl_7b": 8,
+        "image_pass_llava_1_5_7b": 2,
+        "image_pass_llava_next_llama3_8b": 2,
+        "image_pass_qwen2_vl_7b": 2,
         "train_probe": 95,
+        "train_image_probe": 95,
         "evaluate": 665,
+        "evaluate_image": 95,
         "aggregate": 3,
         "figures": 3,
         "depth_panel": 1,
@@ -136,6 +142,7 @@ def test_paper_dry_run_job_counts(paper_cfg, tmp_path):
 def test_enabling_the_control_model_adds_only_its_jobs(paper_cfg, tmp_path):
     paper_cfg["models"]["llava-next-vicuna-7b"]["enabled"] = True
     counts = dry_run(tmp_path, paper_cfg)
-    assert counts["extract_llava_next_vicuna_7b"] == 8
+    assert (counts["extract_llava_next_vicuna_7b"], counts["image_pass_llava_next_vicuna_7b"]) == (8, 2)
     assert (counts["train_probe"], counts["evaluate"]) == (95 + 33, 665 + 33 * 7)
+    assert (counts["train_image_probe"], counts["evaluate_image"]) == (95 + 33, 95 + 33)
     assert (counts["aggregate"], counts["figures"], counts["depth_panel"]) == (4, 4, 1)

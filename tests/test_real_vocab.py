@@ -30,6 +30,7 @@ from stagelens.adapters import hf
 from stagelens.adapters.architectures import ARCHITECTURES
 from stagelens.adapters.base import ANSWER_WORDS
 from stagelens import prompts as prompt_module
+from stagelens.prompt_layout import IMAGE_PASS_QUESTION, prompt_layout, shared_image_prefix_problem
 from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
 from stagelens.spec import ModelSpec
 
@@ -497,3 +498,53 @@ def test_control_rewording_keeps_the_length(tokenizers):
         anchor = len(tok.encode(prompts["anchor"], add_special_tokens=False))
         reword = len(tok.encode(prompts["ctl_reword"], add_special_tokens=False))
         assert abs(anchor - reword) <= 1, (name, anchor, reword)
+
+
+# What follows the question in each paper template: the end of the user turn and the assistant
+# prefix, written out by hand (PaperModel.rendered).
+AFTER_QUESTION = {
+    "llava-1.5-7b": " ASSISTANT:",
+    "llava-next-llama3-8b": "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "qwen2-vl-7b": "<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+@pytest.mark.parametrize("prompt", paper_prompts(), ids=lambda p: p["id"])
+@pytest.mark.parametrize("name", sorted(PAPER_MODELS))
+def test_question_last_is_the_questions_last_token(name, prompt, processors, tokenizers):
+    """question_last: the tokens up to it spell the template's text up to the end of the question,
+    the tokens after it spell exactly the end of turn + assistant prefix; the same token sits at
+    the same distance from the end of the processor's (image-expanded, left-padded) batch."""
+    model, processor, tok = PAPER_MODELS[name], processors[name], tokenizers[name]
+    question = prompt["text"]
+    rendered = model.rendered(question)
+    layout = prompt_layout(tok, rendered, question, model.image_token_id)
+    ids = list(layout.ids)
+    assert ids == tok(rendered)["input_ids"]
+    assert tok.decode(ids[: layout.question_last + 1]).endswith(question)
+    # (SentencePiece drops the leading space of a decoded span: compare without outer whitespace)
+    assert tok.decode(ids[layout.question_last + 1:]).strip() == AFTER_QUESTION[name].strip()
+    assert ids[-1] == model.last_token_id and layout.question_last < len(ids) - 1
+    batch = build_inputs(processor, [photo(500, 375), photo(336, 336)], question)["input_ids"]
+    for row in batch.tolist():
+        assert row[len(row) - 1 - layout.from_end(layout.question_last)] == ids[layout.question_last]
+        assert row[len(row) - 1 - layout.from_end(layout.image_last)] == model.image_token_id
+        assert row[len(row) - layout.from_end(layout.image_last)] != model.image_token_id
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MODELS))
+def test_paper_prompts_share_the_image_pass_tokens(name, tokenizers):
+    """Every paper prompt renders to the image pass's ids up to the last image token (so the
+    image tokens cannot see the question); a template with text before the image is caught."""
+    model, tok = PAPER_MODELS[name], tokenizers[name]
+    reference = prompt_layout(tok, model.rendered(IMAGE_PASS_QUESTION), IMAGE_PASS_QUESTION, model.image_token_id)
+    assert reference.ids[reference.image_last] == model.image_token_id
+    for prompt in paper_prompts():
+        question = prompt["text"]
+        layout = prompt_layout(tok, model.rendered(question), question, model.image_token_id)
+        assert shared_image_prefix_problem(layout, reference, tok) is None, prompt["id"]
+        assert layout.image_prefix == reference.image_prefix
+    question = paper_prompts()[0]["text"]
+    text_first = question + "\n" + model.rendered(question)
+    problem = shared_image_prefix_problem(prompt_layout(tok, text_first, question, model.image_token_id), reference, tok)
+    assert problem is not None and "differ from the image pass's from token" in problem

@@ -19,7 +19,7 @@ def test_model_enums():
     assert tuple(MODEL["dtype"]["enum"]) == DTYPES
     assert tuple(MODEL["vector_dtype"]["enum"]) == VECTOR_DTYPES
     assert tuple(MODEL["positions"]["items"]["enum"]) == POSITIONS
-    assert tuple(MODEL["positions"]["default"]) == POSITIONS
+    assert tuple(MODEL["positions"]["default"]) == ("last", "image_mean")  # the paper's positions
 
 
 def test_expected_answers_are_the_answer_classes():

@@ -20,7 +20,7 @@ def metrics(planted: dict[str, dict[int, float]], layers=range(13), p: dict | No
         for prompt, family in FAMILIES.items():
             drop = 0.0 if family == "anchor" else planted.get(prompt, {}).get(layer, 0.01)
             p_value = (p or {}).get((prompt, layer), 1e-6 if drop >= 0.03 else 0.4)
-            rows.append({"model": "m", "position": "last", "layer": layer, "prompt": prompt,
+            rows.append({"model": "m", "readout": "prompt", "position": "last", "layer": layer, "prompt": prompt,
                          "family": family, "drop": drop, "drop_p": p_value})
     return pl.DataFrame(rows)
 
@@ -134,13 +134,24 @@ def test_detection_ignores_row_order():
 
 
 def test_stages_table_runs_per_position_and_records_thresholds():
-    table = pl.concat([metrics(PAPER_LIKE), metrics({}).with_columns(pl.lit("image_mean").alias("position"))])
+    table = pl.concat([metrics(PAPER_LIKE), metrics({}).with_columns(pl.lit("question_last").alias("position"))])
     result = stages_table(table, 12, MIN_DROP, ALPHA)
     assert result.height == 2 * len(STAGES)
     last = result.filter(pl.col("position") == "last", pl.col("stage") == "answer_decoding").row(0, named=True)
     assert (last["start_layer"], last["end_layer"], last["min_drop"], last["alpha"]) == (10, 12, MIN_DROP, ALPHA)
-    image = result.filter(pl.col("position") == "image_mean", pl.col("detected"))
-    assert image["stage"].to_list() == ["visual_grounding"]
+    question = result.filter(pl.col("position") == "question_last", pl.col("detected"))
+    assert question["stage"].to_list() == ["visual_grounding"]
+
+
+def test_stages_skip_the_image_pass():
+    """The image pass's rows (no drop: no prompt can move them) get no stage analysis."""
+    image = metrics({}).filter(pl.col("family") == "anchor").with_columns(
+        pl.lit("image").alias("readout"), pl.lit("image_mean").alias("position"), pl.lit("image").alias("prompt"),
+        pl.lit("image").alias("family"), pl.lit(None, pl.Float64).alias("drop"), pl.lit(None, pl.Float64).alias("drop_p"))
+    result = stages_table(pl.concat([metrics(PAPER_LIKE), image]), 12, MIN_DROP, ALPHA)
+    assert result["position"].unique().to_list() == ["last"]
+    with pytest.raises(ValueError, match="no prompt-dependent metrics rows"):
+        stages_table(image, 12, MIN_DROP, ALPHA)
 
 
 def test_missing_columns_are_named():

@@ -106,18 +106,21 @@ def dry_run(workdir: Path, cfg: dict, name: str = "config.yaml") -> dict[str, in
 
 
 def expected_analysis(layers_by_model: dict[str, int], n_prompts: int) -> dict[str, int]:
-    """Jobs of the analysis rules for models new to a run (the cross-model panel is always redone)."""
+    """Jobs of the analysis rules for models new to a run (the cross-model panel is always redone);
+    every model here keeps image_mean (the default), probed and evaluated once per layer."""
     n_layers = sum(layers_by_model.values())
     return {
         "train_probe": n_layers,
         "evaluate": n_layers * n_prompts,
+        "train_image_probe": n_layers,
+        "evaluate_image": n_layers,
         "aggregate": len(layers_by_model),
         "figures": len(layers_by_model),
         "depth_panel": 1,
     }
 
 
-ANALYSIS_RULES = ("train_probe", "evaluate", "aggregate", "figures", "depth_panel")
+ANALYSIS_RULES = ("train_probe", "evaluate", "train_image_probe", "evaluate_image", "aggregate", "figures", "depth_panel")
 
 
 def analysis_part(counts: dict[str, int]) -> dict[str, int]:
@@ -133,6 +136,7 @@ def test_dry_run_schedules_one_pass_per_split_and_prompt(images, tmp_path):
     assert counts["build_model"] == 1
     # train split for the anchor only, test split for every prompt (anchor + 2 variants)
     assert counts["extract_tiny_llava"] == 1 + 3
+    assert counts["image_pass_tiny_llava"] == 2  # the image tokens once per split, for every prompt
     assert counts["all"] == 1
     assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3)
 
@@ -147,7 +151,7 @@ def test_configfile_replaces_the_default_config(images, tmp_path):
            "--workflow-profile", "none", "--dry-run", "--quiet", "rules"]
     mine = job_counts(subprocess.run([*cmd, "--configfile", str(configfile)], cwd=tmp_path,
                                      capture_output=True, text=True, timeout=600))
-    assert set(mine) == {"prepare_dataset", "build_model", "extract_tiny_llava", *ANALYSIS_RULES, "all"}
+    assert set(mine) == {"prepare_dataset", "build_model", "extract_tiny_llava", "image_pass_tiny_llava", *ANALYSIS_RULES, "all"}
     # Without a --configfile the default is read, and --config edits it.
     default = job_counts(subprocess.run([*cmd, "--config", "seed=3"], cwd=tmp_path,
                                         capture_output=True, text=True, timeout=600))
@@ -206,6 +210,7 @@ def test_shipped_config_dry_run(name, tmp_path):
     n_layers = {name: len(m.get("layers") or range(m["num_layers"] + 1)) for name, m in models.items()}
     for model in models:
         assert counts["extract_" + re.sub(r"[^A-Za-z0-9_]", "_", model)] == 1 + n_prompts
+        assert counts["image_pass_" + re.sub(r"[^A-Za-z0-9_]", "_", model)] == 2
     assert counts["prepare_dataset"] == 1
     assert analysis_part(counts) == expected_analysis(n_layers, n_prompts)
     patching = cfg.get("patching", {})
@@ -243,6 +248,13 @@ def test_run_writes_the_documented_files(finished_run):
         assert (workdir / "logs" / "extract_tiny-llava" / split / f"{prompt}.log").is_file()
         assert (workdir / "benchmarks" / "extract_tiny-llava" / split / f"{prompt}.tsv").is_file()
     assert not (res / "tiny-llava" / "embeddings" / "train" / "lex_picture").exists()
+    for split in ("train", "test"):
+        for layer in (0, 1, 2):
+            image = res / "tiny-llava" / "embeddings" / split / "image" / f"layer{layer}.parquet"
+            assert pq.read_schema(image).names == ["sample_id", "label", "image_mean"]
+        assert pq.read_schema(res / "tiny-llava" / "embeddings" / split / "anchor" / "layer0.parquet").names == [
+            "sample_id", "label", "last"]
+        assert (workdir / "logs" / "image_pass_tiny-llava" / f"{split}.log").is_file()
     for log in ("prepare_dataset.log", "build_model/tiny-llava.log"):
         assert (workdir / "logs" / log).is_file()
         assert (workdir / "benchmarks" / log.replace(".log", ".tsv")).is_file()
@@ -251,8 +263,16 @@ def test_run_writes_the_documented_files(finished_run):
     for layer in (0, 1, 2):
         assert (res / "tiny-llava" / "probes" / f"layer{layer}.safetensors").is_file()
         assert (res / "tiny-llava" / "probes" / "control" / f"layer{layer}.safetensors").is_file()
-        for prompt in ("anchor", "lex_picture"):
+        assert (res / "tiny-llava" / "probes" / "image" / f"layer{layer}.safetensors").is_file()
+        assert (res / "tiny-llava" / "probes" / "image" / "control" / f"layer{layer}.safetensors").is_file()
+        for prompt in ("anchor", "lex_picture", "image"):
             assert (res / "tiny-llava" / "metrics" / prompt / f"layer{layer}.parquet").is_file()
+    metrics = pq.read_table(res / "tiny-llava" / "metrics.parquet").to_pylist()
+    assert {(r["readout"], r["position"]) for r in metrics} == {("prompt", "last"), ("image", "image_mean")}
+    assert all(r["drop"] is None for r in metrics if r["readout"] == "image")
+    assert len([r for r in metrics if r["readout"] == "image"]) == 3  # once per layer, not per prompt
+    stages = pq.read_table(res / "tiny-llava" / "stages.parquet").to_pylist()
+    assert {r["position"] for r in stages} == {"last"}
     for fmt in ("png", "svg", "vl.json"):
         for figure in ("accuracy", "drop_heatmap", "answers"):
             assert (res / "figures" / "tiny-llava" / f"{figure}.{fmt}").is_file()
@@ -286,6 +306,7 @@ def test_adding_a_variant_costs_only_its_jobs(finished_run):
     counts = dry_run(workdir, grown, "grown.yaml")
     assert counts.pop("extract_tiny_llava") == 1  # the new prompt on the test split
     assert counts.pop("evaluate") == 3  # one per layer, no probe retrained
+    # no image pass, image probe or image evaluation: the image tokens do not see the prompt
     assert counts == {"aggregate": 1, "figures": 1, "depth_panel": 1, "all": 1}
 
 
@@ -296,6 +317,7 @@ def test_adding_a_model_costs_only_its_jobs(finished_run):
     counts = dry_run(workdir, {**cfg, "models": models}, "two-models.yaml")
     assert counts.pop("build_model") == 1
     assert counts.pop("extract_tiny_qwen2_vl") == 1 + 2
+    assert counts.pop("image_pass_tiny_qwen2_vl") == 2
     # Only the new model's probes, evaluations, tables and figures, plus the cross-model panel.
     assert counts == {**expected_analysis({"tiny-qwen2-vl": 3}, 2), "all": 1}
 

@@ -21,7 +21,8 @@ KEYS = ("model", "position", "layer", "prompt")
 # that family's causal onset; the probing stages are read at the last token, where patching acts.
 FAMILY_STAGE = {"lexical": "lexical_integration", "negation": "semantic_reasoning", "format": "answer_decoding"}
 # Identifying columns first, metrics after, in the order a reader scans a row.
-LEADING = ("model", "model_id", "revision", "position", "layer", "num_layers", "depth", "prompt", "family", "expected")
+LEADING = ("model", "model_id", "revision", "readout", "position", "layer", "num_layers", "depth", "prompt", "family",
+           "expected")
 
 
 def metrics_table(rows: Iterable[pl.DataFrame], num_layers: int) -> pl.DataFrame:
@@ -111,9 +112,13 @@ def behaviour_row(
 
 
 def stages_table(metrics: pl.DataFrame, num_layers: int, min_drop: float, alpha: float) -> pl.DataFrame:
-    """Detected stages for every token position of one model's metrics table."""
+    """Detected stages for every prompt-dependent token position of one model's metrics table
+    (the image pass's rows have no drop: no prompt can move them)."""
     frames = []
-    for (model, position), part in metrics.group_by("model", "position", maintain_order=True):
+    prompt_rows = metrics.filter(pl.col("readout") == "prompt")
+    if prompt_rows.is_empty():
+        raise ValueError("no prompt-dependent metrics rows: nothing to detect stages from")
+    for (model, position), part in prompt_rows.group_by("model", "position", maintain_order=True):
         stages = detect_stages(layer_reactions(part, min_drop, alpha), num_layers)
         frames.append(
             stages.with_columns(

@@ -18,6 +18,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
+from stagelens.positions import IMAGE_PASS, PROMPT_POSITIONS
 from stagelens.spec import vector_dtype_problem
 
 # Families the stage rule reads (stagelens.stages) plus the anchor's; others must be declared
@@ -144,6 +145,9 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
         for i, layer in enumerate(model.get("layers") or []):
             if layer > top:
                 err(["models", name, "layers", i], f"layer {layer} is outside 0..{top} (num_layers={top})")
+        if not any(p in PROMPT_POSITIONS for p in model["positions"]):
+            err(["models", name, "positions"], f"needs at least one prompt-dependent position {list(PROMPT_POSITIONS)} "
+                f"(got {model['positions']}); image positions are read once per image, not per prompt")
         suffix = rule_suffix(name)
         if suffix in suffixes:
             err(["models", name], f"name collides with model {suffixes[suffix]!r} in rule name 'extract_{suffix}'")
@@ -156,6 +160,12 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
         err(["models"], "no model has enabled: true; there is nothing to run")
 
     anchor_id = config["prompts"]["anchor"]["id"]
+    # The image pass writes embeddings/<split>/image/ and metrics/image/, where a prompt would write.
+    for parts, pid in [(["prompts", "anchor", "id"], anchor_id)] + [
+        (["prompts", "variants", i, "id"], p["id"]) for i, p in enumerate(config["prompts"].get("variants", []))
+    ]:
+        if path_key(pid) == IMAGE_PASS:
+            err(parts, f"prompt id {pid!r} is reserved: the image pass writes its outputs under '{IMAGE_PASS}'")
     # Prompt ids name output folders: ids equal after case folding would share one.
     seen: dict[str, tuple[str, str]] = {path_key(anchor_id): ("prompts.anchor", anchor_id)}
     for i, prompt in enumerate(config["prompts"].get("variants", [])):

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stagelens.atomic import atomic_path
-from stagelens.metrics import EvalSettings, align_to, evaluate_probe
+from stagelens.metrics import PAIRED_METRICS, EvalSettings, align_to, evaluate_probe
 from stagelens.probe import load_probes
 from stagelens.store import read_metadata, read_vectors
 
@@ -46,8 +46,15 @@ def evaluate_layer(
     prompt: Mapping[str, Any],
     model_name: str,
     settings: EvalSettings,
+    readout: str = "prompt",
 ) -> list[dict[str, Any]]:
-    """Metrics rows (one per position the probe file holds) with the provenance of the variant file."""
+    """Metrics rows (one per position the probe file holds) with the provenance of the variant file.
+
+    readout "image": the image pass, evaluated against itself; its paired metrics are left empty
+    (a drop of 0 where no prompt can move the vectors would look like a finding).
+    """
+    if readout not in ("prompt", "image"):
+        raise ValueError(f"readout must be 'prompt' or 'image', got {readout!r}")
     probes, controls = load_probes(probe_path), load_probes(control_path)
     meta = read_metadata(variant_path)
     rows = []
@@ -56,10 +63,12 @@ def evaluate_layer(
             raise KeyError(f"{control_path}: no control probe for position {position!r}")
         labels, variant, anchor = paired_vectors(variant_path, anchor_path, position)
         metrics = evaluate_probe(probe, controls[position], labels, variant, anchor, settings)
+        if readout == "image":
+            metrics.update(dict.fromkeys(PAIRED_METRICS))
         rows.append({
             "model": model_name, "model_id": meta.get("model_id"), "revision": meta.get("revision"),
             "layer": int(meta["layer"]), "num_layers": int(meta["num_layers"]), "position": position,
-            "prompt": prompt["id"], "family": prompt["family"], "expected": prompt["expected"],
+            "readout": readout, "prompt": prompt["id"], "family": prompt["family"], "expected": prompt["expected"],
             **metrics,
             "n_bootstrap": settings.n_bootstrap, "ci": settings.ci, "seed": settings.seed,
         })

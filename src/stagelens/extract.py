@@ -1,5 +1,9 @@
 """Stream one split of the manifest through a model once and write every layer's embedding file.
 
+Two passes per model x split: `extract` runs one prompt and keeps the prompt-dependent
+positions (and the model's answers); `extract_image` runs the tokens up to the last image token
+once and keeps the image positions, which no prompt can change (every prompt renders to the same
+ids up to the last image token: checked per prompt, `image_prefix_problem`).
 One forward pass per batch yields all layers; each layer's vectors go to their own Parquet
 writer, the model's answer-word probabilities to the answers file. Outputs appear only after
 the last batch (temporary files + os.replace); any exception removes the temporary files.
@@ -24,9 +28,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from stagelens import __version__
-from stagelens.adapters.base import ANSWER_WORDS, POSITIONS, BatchVectors, LayerConvention, ModelAdapter, PreparingAdapter
+from stagelens.adapters.base import (
+    ANSWER_WORDS,
+    IMAGE_POSITIONS,
+    POSITIONS,
+    PROMPT_POSITIONS,
+    BatchVectors,
+    LayerConvention,
+    ModelAdapter,
+    PreparingAdapter,
+)
 from stagelens.image_sources import ImageRef, describe, read_image_source
 from stagelens.finite import check_finite
+from stagelens.prompt_layout import IMAGE_PASS_QUESTION, shared_image_prefix_problem
 from stagelens.images import ImageDecodeError, open_rgb
 from stagelens.spec import ModelSpec, vector_dtype_problem
 from stagelens.store import METADATA_KEY, EmbeddingWriter, ParquetStreamWriter, answers_schema
@@ -84,22 +98,29 @@ def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[Sequence[Sam
 
 
 def _run_batches(
-    adapter: ModelAdapter, samples: Sequence[Sample], batch_size: int, question: str, layers, positions
+    adapter: ModelAdapter, samples: Sequence[Sample], batch_size: int, question: str | None, layers, positions
 ) -> Iterator[tuple[Sequence[Sample], BatchVectors]]:
-    """(batch, forward output) per batch.
+    """(batch, forward output) per batch; question None: the image pass.
 
     A `PreparingAdapter` gets the next batch's images read and processed in a worker thread
     while the model runs the current one (one batch ahead, so memory stays bounded); other
-    adapters are called through `forward`.
+    adapters are called through `forward` / `forward_image`.
     """
     chunks = list(batches(samples, batch_size))
     if not isinstance(adapter, PreparingAdapter):
         for batch in chunks:
-            yield batch, adapter.forward([load_image(s.image) for s in batch], question, layers, positions)
+            images = [load_image(s.image) for s in batch]
+            if question is None:
+                yield batch, adapter.forward_image(images, layers)
+            else:
+                yield batch, adapter.forward(images, question, layers, positions)
         return
 
     def prepare(batch: Sequence[Sample]):
-        return adapter.prepare([load_image(s.image) for s in batch], question)
+        images = [load_image(s.image) for s in batch]
+        if question is None:
+            return adapter.prepare(images, IMAGE_PASS_QUESTION, image_only=True)
+        return adapter.prepare(images, question)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagelens-prepare") as pool:
         pending = pool.submit(prepare, chunks[0])
@@ -125,9 +146,10 @@ def versions() -> dict[str, str]:
 
 
 def run_metadata(
-    adapter: ModelAdapter, model_name: str, prompt: Mapping[str, str], split: str, positions: Sequence[str]
+    adapter: ModelAdapter, model_name: str, prompt: Mapping[str, str] | None, split: str, positions: Sequence[str]
 ) -> dict[str, object]:
-    """Metadata shared by every file of one extraction (the layer is added per file)."""
+    """Metadata shared by every file of one extraction (the layer is added per file); prompt
+    None: the image pass, which records the tokens it fed instead."""
     info = adapter.info
     return {
         "model_id": info.model_id,
@@ -139,17 +161,45 @@ def run_metadata(
         "num_layers": info.num_layers,
         "hidden_size": info.hidden_size,
         "layer_convention": LayerConvention().description,
-        "prompt_id": prompt["id"],
-        "prompt_family": prompt.get("family"),
-        "prompt_text": prompt["text"],
-        "prompt_expected": prompt.get("expected"),
-        "rendered_prompt": adapter.render_prompt(prompt["text"]),
+        **(_prompt_metadata(adapter, prompt) if prompt is not None else _image_pass_metadata(adapter)),
         "split": split,
         "positions": list(positions),
         "answer_words": list(ANSWER_WORDS),
         "adapter": dict(getattr(adapter, "extra_metadata", {}) or {}),
         **versions(),
     }
+
+
+def _prompt_metadata(adapter: ModelAdapter, prompt: Mapping[str, str]) -> dict[str, object]:
+    layout = adapter.layout(prompt["text"])
+    return {
+        "pass": "prompt",
+        "prompt_id": prompt["id"],
+        "prompt_family": prompt.get("family"),
+        "prompt_text": prompt["text"],
+        "prompt_expected": prompt.get("expected"),
+        "rendered_prompt": layout.text,
+        "question_last_from_end": layout.from_end(layout.question_last),
+    }
+
+
+def _image_pass_metadata(adapter: ModelAdapter) -> dict[str, object]:
+    layout = adapter.layout(IMAGE_PASS_QUESTION)
+    return {
+        "pass": "image",
+        "prompt_id": None,
+        "image_prefix_ids": list(layout.image_prefix),
+        "rendered_prompt": layout.text,
+        "image_pass_rule": "tokens up to and including the last image token of the rendered prompt; "
+        "every prompt renders to the same ids there (checked by each prompt's extraction)",
+    }
+
+
+def image_prefix_problem(adapter: ModelAdapter, prompt: Mapping[str, str]) -> str | None:
+    """Why `prompt`'s image tokens would differ from the image pass's (None: they cannot)."""
+    return shared_image_prefix_problem(
+        adapter.layout(prompt["text"]), adapter.layout(IMAGE_PASS_QUESTION), getattr(adapter, "tokenizer", None)
+    )
 
 
 def check_request(adapter: ModelAdapter, spec: ModelSpec, layers: Sequence[int], embedding_paths: Sequence[str | os.PathLike]) -> None:
@@ -166,11 +216,23 @@ def check_request(adapter: ModelAdapter, spec: ModelSpec, layers: Sequence[int],
     unknown = [p for p in spec.positions if p not in POSITIONS]
     if unknown:
         raise ValueError(f"models.{spec.name}.positions: unknown {unknown}; known: {list(POSITIONS)}")
+    if not any(p in PROMPT_POSITIONS for p in spec.positions):
+        raise ValueError(f"models.{spec.name}.positions: at least one of {list(PROMPT_POSITIONS)} is needed (got {list(spec.positions)})")
     problem = vector_dtype_problem(spec.vector_dtype, adapter.info.dtype)
     if problem:
         raise ValueError(f"models.{spec.name}.vector_dtype: {problem} ({adapter.info.model_id})")
     if len(embedding_paths) != len(layers):
         raise ValueError(f"{len(embedding_paths)} embedding paths for {len(layers)} layers")
+
+
+def prompt_positions(spec: ModelSpec) -> list[str]:
+    """The positions a prompt's files hold: the configured prompt-dependent ones."""
+    return [p for p in spec.positions if p in PROMPT_POSITIONS]
+
+
+def image_positions(spec: ModelSpec) -> list[str]:
+    """The positions the image pass's files hold: the configured image positions."""
+    return [p for p in spec.positions if p in IMAGE_POSITIONS]
 
 
 def extract(
@@ -184,45 +246,96 @@ def extract(
     split: str,
     progress: bool = True,
 ) -> dict[str, object]:
-    """Write embedding_paths[i] (layer i of `spec`'s layers) and answers_path for `samples` under `prompt`.
+    """Write embedding_paths[i] (layer i of `spec`'s layers; the prompt-dependent positions) and
+    answers_path for `samples` under `prompt`.
 
-    prompt: {"id", "text", "family", "expected"}. Returns a small summary (rows, seconds).
+    prompt: {"id", "text", "family", "expected"}. A prompt whose tokens before the last image
+    token differ from the image pass's is refused (its image tokens would depend on it, so the
+    shared image readout would not be its own). Returns a small summary (rows, seconds).
     """
+    layers = spec.layers_of(adapter.info.num_layers)
+    check_request(adapter, spec, layers, embedding_paths)
+    if image_positions(spec):
+        problem = image_prefix_problem(adapter, prompt)
+        if problem:
+            raise ValueError(
+                f"prompt {prompt['id']!r} under model {spec.name!r}: {problem}. stagelens reads the image "
+                f"positions {image_positions(spec)} once per image, before any question; put the image first "
+                f"in this prompt or drop {image_positions(spec)} from models.{spec.name}.positions"
+            )
+    return _write_pass(adapter, spec, samples, prompt, prompt_positions(spec), layers, embedding_paths, answers_path, split, progress)
+
+
+def extract_image(
+    adapter: ModelAdapter,
+    spec: ModelSpec,
+    samples: Sequence[Sample],
+    embedding_paths: Sequence[str | os.PathLike],
+    *,
+    split: str,
+    progress: bool = True,
+) -> dict[str, object]:
+    """The image pass: write embedding_paths[i] (layer i of `spec`'s layers; the image positions)
+    from the tokens up to the last image token, which every prompt shares."""
+    layers = spec.layers_of(adapter.info.num_layers)
+    check_request(adapter, spec, layers, embedding_paths)
+    positions = image_positions(spec)
+    if not positions:
+        raise ValueError(f"models.{spec.name}.positions has no image position ({list(IMAGE_POSITIONS)}): no image pass to run")
+    return _write_pass(adapter, spec, samples, None, positions, layers, embedding_paths, None, split, progress)
+
+
+def _write_pass(
+    adapter: ModelAdapter,
+    spec: ModelSpec,
+    samples: Sequence[Sample],
+    prompt: Mapping[str, str] | None,
+    positions: list[str],
+    layers: list[int],
+    embedding_paths: Sequence[str | os.PathLike],
+    answers_path: str | os.PathLike | None,
+    split: str,
+    progress: bool,
+) -> dict[str, object]:
+    """Run every batch and write the files of one pass (prompt None: the image pass, no answers)."""
     if spec.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
     if not samples:
         raise ValueError("no samples to extract")
-    layers = spec.layers_of(adapter.info.num_layers)
-    positions, vector_dtype, batch_size = list(spec.positions), spec.vector_dtype, spec.batch_size
-    check_request(adapter, spec, layers, embedding_paths)
+    vector_dtype, batch_size = spec.vector_dtype, spec.batch_size
     meta = {**run_metadata(adapter, spec.name, prompt, split, positions), "vector_dtype": vector_dtype}
     dim = adapter.info.hidden_size
     writers: list[ParquetStreamWriter] = []
     start = time.perf_counter()
+    question = prompt["text"] if prompt is not None else None
+    desc = f"extract {split}/{prompt['id'] if prompt is not None else 'image'}"
     try:
         emb_writers = []
         for layer, path in zip(layers, embedding_paths):
             emb_writers.append(EmbeddingWriter(path, dim, positions, {**meta, "layer": layer}, vector_dtype))
             writers.append(emb_writers[-1])
-        answers = ParquetStreamWriter(answers_path, answers_schema(ANSWER_WORDS, meta))
-        writers.append(answers)
-        with tqdm(total=len(samples), unit="img", file=sys.stderr, disable=not progress, desc=f"extract {split}/{prompt['id']}") as bar:
-            for batch, out in _run_batches(adapter, samples, batch_size, prompt["text"], layers, positions):
+        answers = None
+        if answers_path is not None:
+            answers = ParquetStreamWriter(answers_path, answers_schema(ANSWER_WORDS, meta))
+            writers.append(answers)
+        with tqdm(total=len(samples), unit="img", file=sys.stderr, disable=not progress, desc=desc) as bar:
+            for batch, out in _run_batches(adapter, samples, batch_size, question, layers, positions):
                 ids = [s.sample_id for s in batch]
                 check_finite(out.vectors, layers, ids, vector_dtype)
                 labels = np.asarray([s.label for s in batch], dtype=np.int32)
                 for i, writer in enumerate(emb_writers):
                     writer.append(ids, labels, {pos: out.vectors[pos][i] for pos in positions})
-                probs = np.asarray(out.answer_probs, dtype=np.float32)
-                answers.write(
-                    {
-                        "sample_id": ids,
-                        "label": labels,
-                        **{f"p_{w}": probs[:, j] for j, w in enumerate(ANSWER_WORDS)},
-                        "answer": [ANSWER_WORDS[j] for j in probs.argmax(axis=1)],
-                        "n_image_tokens": np.asarray(out.n_image_tokens, dtype=np.int32),
-                    }
-                )
+                if answers is not None:
+                    probs = np.asarray(out.answer_probs, dtype=np.float32)
+                    answers.write(
+                        {
+                            "sample_id": ids,
+                            "label": labels,
+                            **{f"p_{w}": probs[:, j] for j, w in enumerate(ANSWER_WORDS)},
+                            "answer": [ANSWER_WORDS[j] for j in probs.argmax(axis=1)],
+                            "n_image_tokens": np.asarray(out.n_image_tokens, dtype=np.int32),
+                        }
+                    )
                 bar.update(len(batch))
     except BaseException:
         for writer in writers:

@@ -13,6 +13,7 @@ import altair as alt
 import polars as pl
 
 from stagelens.atomic import atomic_path
+from stagelens.positions import IMAGE_PASS
 
 STAGE_COLORS = {
     "visual_grounding": "#9ecae1",
@@ -27,15 +28,21 @@ FAMILY_COLORS = {
     "format": "#9467bd",
     "control": "#7f7f7f",
 }
+IMAGE_COLOR = "#17becf"  # the image pass's readout (its rows' family is stagelens.positions.IMAGE_PASS)
 ANSWER_COLORS = {"yes": "#1f77b4", "no": "#d62728", "1": "#aec7e8", "0": "#ff9896", "other": "#c7c7c7"}
 FORMATS = ("png", "svg", "vl.json")
 
 
 def _series(table: pl.DataFrame) -> pl.DataFrame:
-    """Add `series` = "prompt (family)" and an order that puts the anchor first, then by family."""
+    """Add `series` = "prompt (family)" ("image tokens (<position>)" for the image pass) and an
+    order that puts the anchor first, then by family."""
     families = list(FAMILY_COLORS)
+    series = pl.col("prompt") + " (" + pl.col("family") + ")"
+    if "readout" in table.columns:  # metrics rows (behaviour rows are per prompt only)
+        image = "image_position" if "image_position" in table.columns else "position"
+        series = pl.when(pl.col("readout") == "image").then(pl.lit("image tokens (") + pl.col(image) + ")").otherwise(series)
     return table.with_columns(
-        (pl.col("prompt") + " (" + pl.col("family") + ")").alias("series"),
+        series.alias("series"),
         pl.col("family")
         .map_elements(lambda f: families.index(f) if f in families else len(families), return_dtype=pl.Int64)
         .alias("family_rank"),
@@ -55,7 +62,7 @@ def _series_colors(table: pl.DataFrame) -> alt.Scale:
     for series, family in zip(pairs["series"], pairs["family"]):
         k = seen.get(family, 0)
         seen[family] = k + 1
-        base = FAMILY_COLORS.get(family, palette[len(seen) % len(palette)])
+        base = {**FAMILY_COLORS, IMAGE_PASS: IMAGE_COLOR}.get(family, palette[len(seen) % len(palette)])
         colors.append(base if k == 0 else _shade(base, k))
     return alt.Scale(domain=pairs["series"].to_list(), range=colors)
 
@@ -67,20 +74,40 @@ def _shade(hex_color: str, k: int) -> str:
     return "#" + "".join(f"{round(c + (255 - c) * mix):02x}" for c in rgb)
 
 
+def prompt_rows(metrics: pl.DataFrame) -> pl.DataFrame:
+    """The rows a prompt can move (the image pass's rows have no drop)."""
+    return metrics.filter(pl.col("readout") == "prompt")
+
+
+def _with_image_reference(metrics: pl.DataFrame) -> pl.DataFrame:
+    """The prompt rows, plus the image pass's rows copied into every prompt position's facet (one
+    reference curve per image position; its own position kept in `image_position`)."""
+    prompts = prompt_rows(metrics).with_columns(pl.lit(None, pl.String).alias("image_position"))
+    image = metrics.filter(pl.col("readout") == "image")
+    copies = [
+        image.with_columns(pl.col("position").alias("image_position"), pl.lit(position).alias("position"))
+        for position in prompts["position"].unique(maintain_order=True).to_list()
+    ]
+    return pl.concat([prompts, *copies], how="diagonal_relaxed")
+
+
 def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
-    """Probe accuracy vs layer per prompt with bootstrap CI bands, control probe and chance."""
+    """Probe accuracy vs layer per prompt with bootstrap CI bands, control probe and chance; the
+    image-token readout (the image pass: the same for every prompt) as one reference curve."""
     if "probe_converged" not in metrics.columns:  # tables written before fits were recorded
         metrics = metrics.with_columns(pl.lit(True).alias("probe_converged"))
-    data = _series(metrics).select(
-        "position", "layer", "prompt", "family", "series", "family_rank", "accuracy",
+    data = _series(_with_image_reference(metrics)).select(
+        "readout", "position", "layer", "prompt", "family", "series", "family_rank", "accuracy",
         "accuracy_ci_low", "accuracy_ci_high", "control_accuracy", "chance", "n", "probe_converged",
     )
     color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(data), sort=_series_order(data),
                       legend=alt.Legend(symbolType="stroke", symbolOpacity=1, symbolStrokeWidth=3))
     x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d"))
     y_scale = alt.Scale(domain=[0, 1])
-    # The anchor is drawn wider so it shows where a variant's line lies on top of it.
+    # The anchor is drawn wider so it shows where a variant's line lies on top of it; the image
+    # readout dashed: a reference no prompt can move.
     width = alt.condition(alt.datum.family == "anchor", alt.value(4), alt.value(2))
+    dash = alt.condition(alt.datum.readout == "image", alt.value([6, 3]), alt.value([1, 0]))
     # Every layer reads the one faceted data set (a layer with its own data would not be faceted).
     band = alt.Chart().mark_area(opacity=0.12).encode(
         x=x, y=alt.Y("accuracy_ci_low:Q", scale=y_scale), y2="accuracy_ci_high:Q", color=color
@@ -90,6 +117,7 @@ def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
         y=alt.Y("accuracy:Q", title="probe accuracy (test)", scale=y_scale),
         color=color,
         strokeWidth=width,
+        strokeDash=dash,
         tooltip=["series", "layer", alt.Tooltip("accuracy:Q", format=".3f"),
                  alt.Tooltip("accuracy_ci_low:Q", format=".3f"), alt.Tooltip("accuracy_ci_high:Q", format=".3f"), "n"],
     )
@@ -107,10 +135,16 @@ def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
         .mark_point(shape="cross", color="#d62728", size=120, filled=True)
         .encode(x=x, y="accuracy:Q", tooltip=["layer", alt.Tooltip("probe_converged:N", title="probe fit converged")])
     )
-    subtitle = ["bands: bootstrap CI; dashed grey: shuffled-label control probe; dotted: chance"]
-    stuck = data.filter(~pl.col("probe_converged")).select("position", "layer").unique().sort("position", "layer")
+    subtitle = ["bands: bootstrap CI; dashed colour: image tokens (read once per image, the same under every "
+                "prompt); dashed grey: shuffled-label control probe; dotted: chance"]
+    stuck = (
+        metrics.filter(~pl.col("probe_converged"))
+        .select(pl.when(pl.col("readout") == "image").then(pl.lit("image tokens ") + pl.col("position"))
+                .otherwise(pl.col("position")).alias("where"), "layer")
+        .unique().sort("where", "layer")
+    )
     if len(stuck):
-        listed = ", ".join(f"{position} layer {layer}" for position, layer in stuck.rows())
+        listed = ", ".join(f"{where} layer {layer}" for where, layer in stuck.rows())
         subtitle.append(f"red cross: probe fit did not converge (max_iter reached): {listed}")
     return (
         alt.layer(band, lines, control_line, chance_rule, unconverged)
@@ -121,8 +155,9 @@ def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
 
 
 def drop_heatmap(metrics: pl.DataFrame, title: str, alpha: float, min_drop: float) -> alt.Chart:
-    """Layer x prompt heatmap of the paired accuracy drop against the anchor; * = significant."""
-    data = _series(metrics.filter(pl.col("family") != "anchor")).with_columns(
+    """Layer x prompt heatmap of the paired accuracy drop against the anchor; * = significant.
+    Prompt-dependent positions only: the image tokens cannot move."""
+    data = _series(prompt_rows(metrics).filter(pl.col("family") != "anchor")).with_columns(
         ((pl.col("drop_p") < alpha) & (pl.col("drop") >= min_drop)).alias("significant")
     ).select("position", "layer", "series", "family_rank", "drop", "drop_ci_low", "drop_ci_high", "drop_p", "significant")
     limit = max(0.05, float(data["drop"].abs().max() or 0.0))
@@ -239,6 +274,9 @@ def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str,
     """Drop vs normalised depth per model (one row each), the detected stages shaded behind; with
     `onsets`, each patched variant's causal onset (anchor_to_variant, last token) as a vertical
     rule in the variant's colour, its CI as a bar along the top."""
+def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> alt.VConcatChart:
+    """Drop vs normalised depth per model (one row each), the detected stages shaded behind."""
+    metrics = prompt_rows(metrics)
     variants = _series(metrics.filter((pl.col("position") == position) & (pl.col("family") != "anchor")))
     color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(variants), sort=_series_order(variants))
     # One y range for all models (comparable rows), never narrower than -0.05..0.1.

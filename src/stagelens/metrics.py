@@ -105,6 +105,11 @@ def align_to(ids: np.ndarray, reference_ids: np.ndarray) -> np.ndarray:
     return index
 
 
+# Metrics that compare a prompt with the anchor on the same images (undefined for the image pass).
+PAIRED_METRICS = ("anchor_accuracy", "drop", "drop_ci_low", "drop_ci_high", "drop_p", "shift_corrected_accuracy",
+                  "shift_corrected_drop")
+
+
 def evaluate_probe(
     probe: Probe,
     control: Probe,

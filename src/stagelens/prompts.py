@@ -11,6 +11,7 @@ from typing import Sequence
 from PIL import Image
 
 from stagelens.adapters.base import ANSWER_WORDS
+from stagelens.prompt_layout import adds_special_tokens
 
 
 def user_message(question: str) -> list[dict]:
@@ -34,21 +35,16 @@ def build_inputs(processor, images: Sequence[Image.Image], question: str, nested
     """Processor outputs (every key it returns) for a batch of images under one question.
 
     nested: pass the images as one single-image list per prompt (Gemma 3, Idefics3, mllama).
-
-    The rendered prompt is tokenised with the tokenizer's special tokens (BOS for Llama-family
-    tokenizers), unless the template already starts with BOS, as apply_chat_template does.
     """
     if not images:
         raise ValueError("build_inputs needs at least one image")
     set_left_padding(processor)
     prompt = render_prompt(processor, question)
-    bos = processor.tokenizer.bos_token
-    add_special = not (bos is not None and prompt.startswith(bos))
     return processor(
         images=[[image] for image in images] if nested else list(images),
         text=[prompt] * len(images),
         padding=True,
-        add_special_tokens=add_special,
+        add_special_tokens=adds_special_tokens(processor.tokenizer, prompt),
         return_tensors="pt",
         **processor_kwargs,
     )

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import polars as pl
 
+from stagelens.positions import IMAGE_PASS
 from stagelens.results import Results, load_results
 
 
 def best_layers(metrics: pl.DataFrame) -> pl.DataFrame:
-    """Per model x position, the layer where the anchor probe is most accurate (the shallowest on ties)."""
-    anchor = metrics.filter(pl.col("family") == "anchor")
+    """Per model x position, the layer where the anchor probe (for the image positions: the image
+    pass's probe) is most accurate (the shallowest on ties)."""
+    anchor = metrics.filter(pl.col("family").is_in(["anchor", IMAGE_PASS]))
     return (
         anchor.sort("model", "position", pl.col("accuracy"), pl.col("layer"), descending=[False, False, True, False])
         .group_by("model", "position", maintain_order=True)

@@ -19,6 +19,7 @@ from stagelens.config import (
     patched_variants,
     rule_suffix,
 )
+from stagelens.positions import IMAGE_PASS, IMAGE_POSITIONS
 from stagelens.spec import model_layers
 
 # The same validation (and defaults) as the library's, so a config means the same everywhere.
@@ -45,6 +46,8 @@ MODELS = enabled_models(config)
 PROMPTS = {prompt["id"]: prompt for prompt in all_prompts(config)}
 ANCHOR = config["prompts"]["anchor"]["id"]
 PATCHED = [variant["id"] for variant in patched_variants(config)]  # empty unless patching.enabled
+# The image pass's rows in the metrics tables: `prompt` and `family` name it (no prompt may).
+IMAGE_READOUT = {"id": IMAGE_PASS, "family": IMAGE_PASS, "expected": None}
 # stagelens.figures.FORMATS (not imported: altair would cost seconds per parse; a test holds them equal)
 FIGURE_FORMATS = ("png", "svg", "vl.json")
 MODEL_FIGURES = ("accuracy", "drop_heatmap", "answers")
@@ -78,6 +81,11 @@ def embedding_path(model, split, prompt, layer):
     return f"{RESULTS}/{model}/embeddings/{split}/{prompt}/layer{layer}.parquet"
 
 
+def image_embedding_path(model, split, layer):
+    """The image pass's file: image positions, read once per image (no prompt)."""
+    return f"{RESULTS}/{model}/embeddings/{split}/{IMAGE_PASS}/layer{layer}.parquet"
+
+
 def answers_path(model, split, prompt):
     return f"{RESULTS}/{model}/answers/{split}/{prompt}.parquet"
 
@@ -90,8 +98,20 @@ def control_probe_path(model, layer, ext="safetensors"):
     return f"{RESULTS}/{model}/probes/control/layer{layer}.{ext}"
 
 
+def image_probe_path(model, layer, ext="safetensors"):
+    return f"{RESULTS}/{model}/probes/{IMAGE_PASS}/layer{layer}.{ext}"
+
+
+def image_control_probe_path(model, layer, ext="safetensors"):
+    return f"{RESULTS}/{model}/probes/{IMAGE_PASS}/control/layer{layer}.{ext}"
+
+
 def metrics_path(model, prompt, layer):
     return f"{RESULTS}/{model}/metrics/{prompt}/layer{layer}.parquet"
+
+
+def image_metrics_path(model, layer):
+    return f"{RESULTS}/{model}/metrics/{IMAGE_PASS}/layer{layer}.parquet"
 
 
 def aggregate_path(model, table):
@@ -130,6 +150,11 @@ def layers_of(model):
     return model_layers(MODELS[model])
 
 
+def has_image_pass(model):
+    """Whether a model keeps image positions (read by its image pass, once per split)."""
+    return any(p in IMAGE_POSITIONS for p in MODELS[model]["positions"])
+
+
 def is_recipe_model(model):
     return MODELS[model].get("recipe") is not None
 
@@ -148,6 +173,10 @@ def extract_inputs(model):
 
 def extract_rule_name(model):
     return f"extract_{rule_suffix(model)}"
+
+
+def image_pass_rule_name(model):
+    return f"image_pass_{rule_suffix(model)}"
 
 
 def dataset_inputs(wildcards):
@@ -197,7 +226,25 @@ def extraction_targets():
         for split, prompt in extraction_jobs():
             targets += [embedding_path(model, split, prompt, layer) for layer in layers_of(model)]
             targets.append(answers_path(model, split, prompt))
+        if has_image_pass(model):
+            targets += [image_embedding_path(model, split, layer) for split in ("train", "test") for layer in layers_of(model)]
     return targets
+
+
+def probe_fit_inputs(model, path, image_path):
+    """The JSON sidecars of one model's probes (or controls): per layer, and the image pass's."""
+    paths = [path(model, layer, "json") for layer in layers_of(model)]
+    if has_image_pass(model):
+        paths += [image_path(model, layer, "json") for layer in layers_of(model)]
+    return paths
+
+
+def metrics_inputs(model):
+    """Every metrics file of one model: per prompt x layer, and the image pass's per layer."""
+    paths = [metrics_path(model, prompt, layer) for prompt in PROMPTS for layer in layers_of(model)]
+    if has_image_pass(model):
+        paths += [image_metrics_path(model, layer) for layer in layers_of(model)]
+    return paths
 
 
 def analysis_targets():

@@ -1,5 +1,8 @@
 # One rule per model: each model has its own layer count, and one job (one forward pass per
 # batch) writes every layer's file. Wildcards: {split} and {prompt}; the model is fixed per rule.
+# extract_<model> keeps the prompt-dependent positions (and the model's answers) of one prompt;
+# image_pass_<model> keeps the image positions of one split once: the tokens up to the last
+# image token, which every prompt shares (each prompt's job checks that from its token ids).
 
 for _model in MODELS:
 
@@ -24,6 +27,36 @@ for _model in MODELS:
         threads: estimate.extract_threads(MODELS[_model])
         resources:
             # A retry (profiles: retries) gets twice the memory and time.
+            mem_mb=lambda wildcards, attempt, m=_model: estimate.extract_mem_mb(MODELS[m]) * attempt,
+            runtime=lambda wildcards, attempt, m=_model: extract_runtime(m, wildcards.split) * attempt,
+            gpu=estimate.extract_gpu(MODELS[_model]),
+        conda:
+            STAGELENS_ENV
+        script:
+            "../../scripts/extract.py"
+
+
+for _model in [m for m in MODELS if has_image_pass(m)]:
+
+    rule:
+        name:
+            image_pass_rule_name(_model)
+        input:
+            **extract_inputs(_model),
+        output:
+            embeddings=[image_embedding_path(_model, "{split}", layer) for layer in layers_of(_model)],
+        params:
+            model_name=_model,
+            model=MODELS[_model],
+            model_path=lambda wildcards, input, m=_model: input.model if is_recipe_model(m) else MODELS[m]["path"],
+            split=lambda wildcards: wildcards.split,
+        log:
+            log_path(f"image_pass_{_model}", "{split}"),
+        benchmark:
+            benchmark_path(f"image_pass_{_model}", "{split}")
+        threads: estimate.extract_threads(MODELS[_model])
+        resources:
+            # As extract_<model> (an upper bound: the image pass skips the question tokens).
             mem_mb=lambda wildcards, attempt, m=_model: estimate.extract_mem_mb(MODELS[m]) * attempt,
             runtime=lambda wildcards, attempt, m=_model: extract_runtime(m, wildcards.split) * attempt,
             gpu=estimate.extract_gpu(MODELS[_model]),

@@ -1,6 +1,13 @@
 # Probing: one probe-training job per model x layer (anchor prompt, train split), one
-# evaluation job per model x layer x prompt (test split). Evaluation jobs are light (numpy +
-# pyarrow, ~0.2 s): a paper run has about a thousand of them.
+# evaluation job per model x layer x prompt (test split); the image positions have their own
+# probe per model x layer (image pass, train split) and one evaluation per model x layer (image
+# pass, test split): no prompt can move them. Evaluation jobs are light (numpy + pyarrow,
+# ~0.2 s): a paper run has about a thousand of them.
+
+
+def prompt_positions(model):
+    """The positions a model's prompt files hold (the image positions are the image pass's)."""
+    return [p for p in MODELS[model]["positions"] if p not in IMAGE_POSITIONS]
 
 
 rule train_probe:
@@ -26,7 +33,7 @@ rule train_probe:
         # A retry (profiles: retries) gets twice the time.
         runtime=lambda wildcards, attempt: attempt
         * estimate.probe_runtime(config["probe"], n_classes(), config["dataset"]["train_per_class"],
-                                 len(MODELS[wildcards.model]["positions"])),
+                                 len(prompt_positions(wildcards.model))),
     conda:
         STAGELENS_ENV
     script:
@@ -45,10 +52,68 @@ rule evaluate:
     params:
         model_name=lambda wildcards: wildcards.model,
         prompt=lambda wildcards: PROMPTS[wildcards.prompt],
+        readout="prompt",
         evaluate=config["evaluate"],
         seed=config["seed"],
     log:
         log_path("evaluate", "{model}", "{prompt}", "layer{layer}"),
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=5,
+    conda:
+        STAGELENS_ENV
+    script:
+        "../../scripts/evaluate.py"
+
+
+rule train_image_probe:
+    """The probes of the image positions (image pass, train split); same method as train_probe."""
+    input:
+        embeddings=image_embedding_path("{model}", "train", "{layer}"),
+    output:
+        probe=image_probe_path("{model}", "{layer}"),
+        probe_json=image_probe_path("{model}", "{layer}", "json"),
+        control=image_control_probe_path("{model}", "{layer}"),
+        control_json=image_control_probe_path("{model}", "{layer}", "json"),
+    params:
+        probe=config["probe"],
+        seed=config["seed"],
+    log:
+        log_path("train_image_probe", "{model}", "layer{layer}"),
+    benchmark:
+        benchmark_path("train_image_probe", "{model}", "layer{layer}")
+    threads: estimate.probe_threads(config["probe"])
+    resources:
+        gpu=1 if estimate.probe_uses_gpu(config["probe"]) else 0,
+        mem_mb=estimate.probe_mem_mb(config["probe"], n_classes(), config["dataset"]["train_per_class"]),
+        # A retry (profiles: retries) gets twice the time.
+        runtime=lambda wildcards, attempt: attempt
+        * estimate.probe_runtime(config["probe"], n_classes(), config["dataset"]["train_per_class"], len(IMAGE_POSITIONS)),
+    conda:
+        STAGELENS_ENV
+    script:
+        "../../scripts/train_probe.py"
+
+
+rule evaluate_image:
+    """The image-token readout: frozen image probes on the image pass's test features (no drop:
+    no prompt can change them)."""
+    input:
+        probe=image_probe_path("{model}", "{layer}"),
+        control=image_control_probe_path("{model}", "{layer}"),
+        variant=image_embedding_path("{model}", "test", "{layer}"),
+        anchor=image_embedding_path("{model}", "test", "{layer}"),
+    output:
+        metrics=image_metrics_path("{model}", "{layer}"),
+    params:
+        model_name=lambda wildcards: wildcards.model,
+        prompt=IMAGE_READOUT,
+        readout="image",
+        evaluate=config["evaluate"],
+        seed=config["seed"],
+    log:
+        log_path("evaluate_image", "{model}", "layer{layer}"),
     threads: 1
     resources:
         mem_mb=2048,

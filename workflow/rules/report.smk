@@ -4,17 +4,11 @@
 rule aggregate:
     """Tidy metrics, the model's own answers per prompt, and the detected stages of one model."""
     input:
-        metrics=lambda wildcards: [
-            metrics_path(wildcards.model, prompt, layer)
-            for prompt in PROMPTS
-            for layer in layers_of(wildcards.model)
-        ],
+        metrics=lambda wildcards: metrics_inputs(wildcards.model),
         answers=lambda wildcards: [answers_path(wildcards.model, "test", prompt) for prompt in PROMPTS],
         # The probes' fit records: whether each fit converged goes into the metrics table.
-        probe_fits=lambda wildcards: [probe_path(wildcards.model, layer, "json") for layer in layers_of(wildcards.model)],
-        control_fits=lambda wildcards: [
-            control_probe_path(wildcards.model, layer, "json") for layer in layers_of(wildcards.model)
-        ],
+        probe_fits=lambda wildcards: probe_fit_inputs(wildcards.model, probe_path, image_probe_path),
+        control_fits=lambda wildcards: probe_fit_inputs(wildcards.model, control_probe_path, image_control_probe_path),
     output:
         metrics=aggregate_path("{model}", "metrics"),
         stages=aggregate_path("{model}", "stages"),

@@ -8,9 +8,9 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-# Token positions an adapter can keep per layer. `last` is the last input token (a template
-# token under left padding), `image_mean` the mean over the image placeholder tokens.
-POSITIONS = ("last", "image_mean")
+# The token positions an adapter can keep per layer (what each means: stagelens.positions).
+from stagelens.positions import IMAGE_POSITIONS, POSITIONS, PROMPT_POSITIONS  # noqa: F401 (re-exported)
+from stagelens.prompt_layout import IMAGE_PASS_QUESTION, PromptLayout
 
 # Words whose next-token probability is recorded as the model's own answer. Each word is
 # scored as the first token of the word and of the word with a leading space; case variants
@@ -34,7 +34,8 @@ class BatchVectors:
 
     vectors[position] has shape (n_layers_kept, batch, hidden) in float32, in the order of
     the `layers` argument of `ModelAdapter.forward`. answer_probs has shape
-    (batch, len(ANSWER_WORDS)): softmax next-token probabilities after the prompt.
+    (batch, len(ANSWER_WORDS)): softmax next-token probabilities after the prompt; (batch, 0)
+    for the image pass, which stops at the last image token.
     """
 
     vectors: dict[str, np.ndarray]
@@ -65,6 +66,14 @@ class ModelAdapter(Protocol):
         """The exact text fed to the tokenizer for one image + question (chat template applied)."""
         ...
 
+    def layout(self, question: str) -> PromptLayout:
+        """Token ids of the rendered prompt and where its image tokens and question end."""
+        ...
+
+    def forward_image(self, images: Sequence[Image.Image], layers: Sequence[int]) -> BatchVectors:
+        """The image pass: only the tokens up to the last image token, keeping IMAGE_POSITIONS."""
+        ...
+
     def forward(
         self,
         images: Sequence[Image.Image],
@@ -81,7 +90,8 @@ class PreparingAdapter:
     processing; thread-safe) and `forward_prepared` (the model), so extraction can prepare the
     next batch while the model runs this one."""
 
-    def prepare(self, images: Sequence[Image.Image], question: str) -> Any:
+    def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False) -> Any:
+        """image_only: cut the sequence after the last image token (the image pass)."""
         raise NotImplementedError
 
     def forward_prepared(self, prepared: Any, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
@@ -95,3 +105,15 @@ class PreparingAdapter:
         positions: Sequence[str],
     ) -> BatchVectors:
         return self.forward_prepared(self.prepare(images, question), layers, positions)
+
+    def forward_image(self, images: Sequence[Image.Image], layers: Sequence[int]) -> BatchVectors:
+        return self.forward_prepared(self.prepare(images, IMAGE_PASS_QUESTION, image_only=True), layers, IMAGE_POSITIONS)
+
+
+def check_positions(positions: Sequence[str], image_only: bool) -> None:
+    """Clear error for a position the pass cannot read (the image pass has no question tokens)."""
+    allowed = IMAGE_POSITIONS if image_only else POSITIONS
+    bad = [p for p in positions if p not in allowed]
+    if bad:
+        what = "the image pass (tokens up to the last image token)" if image_only else "a forward pass"
+        raise ValueError(f"positions {bad} are not read by {what}; known: {list(allowed)}")

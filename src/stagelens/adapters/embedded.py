@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stagelens.adapters import EMBEDDED_MODEL_TYPE as MODEL_TYPE
-from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter
+from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter, check_positions
 from stagelens.adapters.efficientnet_vision import (
     FEATURE_DIM,
     GRID,
@@ -38,6 +38,7 @@ from stagelens.adapters.efficientnet_vision import (
 )
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index
 from stagelens.adapters.residual_patch import Continuation
+from stagelens.prompt_layout import PromptLayout, prompt_layout
 from stagelens.prompts import answer_token_ids
 from stagelens.spec import ModelSpec, resolve_device, torch_dtype
 
@@ -185,6 +186,7 @@ class PreparedBatch:
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor
+    question_last_from_end: int | None  # None: the image pass (cut after the last image token)
 
 
 class EmbeddedAdapter(PreparingAdapter):
@@ -192,6 +194,7 @@ class EmbeddedAdapter(PreparingAdapter):
 
     def __init__(self, model: EmbeddedMLLM, info: ModelInfo) -> None:
         self.model = model
+        self.tokenizer = model.tokenizer
         self.info = info
         answer_ids = answer_token_ids(model.tokenizer)
         self._answer_ids = [answer_ids[word] for word in ANSWER_WORDS]
@@ -200,26 +203,45 @@ class EmbeddedAdapter(PreparingAdapter):
     def render_prompt(self, question: str) -> str:
         return self.model.render_prompt(question)
 
-    def prepare(self, images: Sequence[Image.Image], question: str) -> PreparedBatch:
+    def layout(self, question: str) -> PromptLayout:
+        return prompt_layout(self.model.tokenizer, self.render_prompt(question), question, self.model.config.image_token_id)
+
+    def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False) -> PreparedBatch:
         """The CPU part of a forward (template, tokenizer, image resize); thread-safe, so
         extraction can prepare the next batch while the model runs this one."""
-        ids = self.model.tokenizer(self.render_prompt(question), add_special_tokens=False, return_tensors="pt")
+        layout = self.layout(question)
         # Same question and a fixed number of image tokens for every sample: no padding.
-        return PreparedBatch(ids["input_ids"].repeat(len(images), 1), self.model.pixel_values(images))
+        ids = torch.tensor([layout.ids], dtype=torch.long)
+        if image_only:
+            ids = ids[:, : layout.image_last + 1]
+        return PreparedBatch(
+            ids.repeat(len(images), 1),
+            self.model.pixel_values(images),
+            None if image_only else layout.from_end(layout.question_last),
+        )
 
     @torch.no_grad()
     def forward_prepared(self, prepared: PreparedBatch, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
-        """`forward` on the output of `prepare`."""
+        """`forward` on the output of `prepare`; no answer probabilities for the image pass."""
+        image_only = prepared.question_last_from_end is None
+        check_positions(positions, image_only)
         model = self.model
         device = next(model.parameters()).device
         capture = LayerCapture(self.blocks, layers, positions)
         input_ids = prepared.input_ids.to(device)
         attention_mask = torch.ones_like(input_ids)
         image_mask = input_ids == model.config.image_token_id
-        capture.set_batch(last_token_index(attention_mask), image_mask)
+        last = last_token_index(attention_mask)
+        capture.set_batch(last, image_mask, None if image_only else last - prepared.question_last_from_end)
         with capture.attached():
             inputs_embeds = model.inputs_embeds(input_ids, prepared.pixel_values)
             out = model.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        if image_only:
+            return BatchVectors(
+                vectors=capture.vectors(),
+                answer_probs=np.zeros((input_ids.shape[0], 0), dtype=np.float32),
+                n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
+            )
         probs = out.logits[:, -1, :].float().softmax(dim=-1).cpu()
         # Same scoring as the HF adapters: a word's probability is the max over its spellings.
         answer_probs = torch.stack([probs[:, ids].max(dim=1).values for ids in self._answer_ids], dim=1)

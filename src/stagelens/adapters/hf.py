@@ -21,10 +21,11 @@ from PIL import Image
 from torch import nn
 
 from stagelens.adapters.architectures import ArchitectureFacts
-from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter
+from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter, check_positions
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
 from stagelens.adapters.residual_patch import Continuation
 from stagelens.adapters.qwen_processor import load_processor, torchvision_available
+from stagelens.prompt_layout import PromptLayout, prompt_layout
 from stagelens.prompts import answer_token_paths, build_inputs, render_prompt
 from stagelens.spec import ModelSpec, resolve_device, torch_dtype
 
@@ -33,6 +34,18 @@ from stagelens.spec import ModelSpec, resolve_device, torch_dtype
 _POSITION_IDS_TEXT_TYPES = ("llama", "mistral")
 
 
+
+
+# Per-token processor outputs (batch, T): what the image pass cuts after the last image token.
+_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class Prepared:
+    """Processor outputs of one batch and where its question ends (tokens from the end)."""
+
+    inputs: object  # BatchFeature
+    question_last_from_end: int | None  # None: the image pass (no question tokens fed)
 
 
 class HFAdapter(PreparingAdapter):
@@ -53,6 +66,7 @@ class HFAdapter(PreparingAdapter):
         # Cross-attention families (mllama) never put image features in the LM sequence.
         self.image_positions = facts.image_tokens_in_sequence if facts is not None else True
         self.processor = processor
+        self.tokenizer = processor.tokenizer
         self.info = info
         self.image_token_id = int(image_token_id)
         self.position_ids = position_ids
@@ -85,9 +99,12 @@ class HFAdapter(PreparingAdapter):
     def render_prompt(self, question: str) -> str:
         return render_prompt(self.processor, question)
 
+    def layout(self, question: str) -> PromptLayout:
+        return prompt_layout(self.processor.tokenizer, self.render_prompt(question), question, self.image_token_id)
+
     def build_inputs(self, images: Sequence[Image.Image], question: str):
         """Processor outputs for a batch, on the model's device, floats in the model's dtype."""
-        return self.prepare(images, question).to(self._device).to(self._dtype)
+        return build_inputs(self.processor, images, question).to(self._device).to(self._dtype)
 
     def model_kwargs(self, inputs) -> dict:
         """Forward kwargs: every processor key but training labels, plus positions for 1-D RoPE LMs."""
@@ -141,7 +158,7 @@ class HFAdapter(PreparingAdapter):
         image tokens differ per row, the text per question), so the prompts' columns line up."""
         from stagelens.patching import shared_prefix_length
 
-        inputs = [self.prepare(images, q).to(self._device).to(self._dtype) for q in questions]
+        inputs = [self.prepare(images, q).inputs.to(self._device).to(self._dtype) for q in questions]
         ids = [x["input_ids"] for x in inputs]
         columns = [[tuple(col) for col in t.T.tolist()] for t in ids]
         shared = shared_prefix_length(columns)
@@ -173,15 +190,28 @@ class HFAdapter(PreparingAdapter):
         return HFPrefixRun(self, out.past_key_values, prefix["attention_mask"], positions[..., -1:],
                            "mm_token_type_ids" in prefix, shared, [t[:, shared:] for t in ids])
 
-    def prepare(self, images: Sequence[Image.Image], question: str):
+    def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False) -> Prepared:
         """The CPU part of a forward (chat template, tokenizer, image processor); thread-safe,
-        so extraction can prepare the next batch while the model runs this one."""
-        nested = self.facts is not None and self.facts.nested_images
-        return build_inputs(self.processor, images, question, nested=nested)
+        so extraction can prepare the next batch while the model runs this one. image_only:
+        every per-token input is cut after the last image token (left padding puts it at the
+        same column in every row: the text after it is the same for all)."""
+        inputs = build_inputs(self.processor, images, question, nested=self.facts is not None and self.facts.nested_images)
+        layout = self.layout(question)
+        if not image_only:
+            return Prepared(inputs, layout.from_end(layout.question_last))
+        keep = inputs["input_ids"].shape[1] - layout.from_end(layout.image_last)
+        for key in _TOKEN_KEYS:
+            if key in inputs:
+                inputs[key] = inputs[key][:, :keep]
+        if bool((inputs["input_ids"][:, -1] != self.image_token_id).any()):
+            raise RuntimeError("the image pass must end at the last image token of every row")
+        return Prepared(inputs, None)
 
-    def forward_prepared(self, prepared, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
-        """`forward` on the output of `prepare`."""
-        inputs = prepared.to(self._device).to(self._dtype)
+    def forward_prepared(self, prepared: Prepared, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
+        """`forward` on the output of `prepare`; no answer probabilities for the image pass."""
+        image_only = prepared.question_last_from_end is None
+        check_positions(positions, image_only)
+        inputs = prepared.inputs.to(self._device).to(self._dtype)
         mask = inputs["attention_mask"]
         last = last_token_index(mask)
         if bool((last != mask.shape[1] - 1).any()):
@@ -197,8 +227,16 @@ class HFAdapter(PreparingAdapter):
         else:
             image_mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
         capture = LayerCapture(self.blocks, layers, positions)
-        capture.set_batch(last, image_mask)
+        capture.set_batch(last, image_mask, None if image_only else last - prepared.question_last_from_end)
         kwargs = self.model_kwargs(inputs)
+        if image_only:
+            with torch.inference_mode(), capture.attached():
+                self.model(**kwargs, logits_to_keep=1, use_cache=False)
+            return BatchVectors(
+                vectors=capture.vectors(),
+                answer_probs=np.zeros((mask.shape[0], 0), dtype=np.float32),
+                n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
+            )
         seen: dict[str, torch.Tensor | None] = {}
 
         def keep_positions(_module, _args, module_kwargs):

@@ -80,10 +80,10 @@ class _Positions:
     (boolean-mask indexing would, once per layer and row).
     """
 
-    def __init__(self, last_index: torch.Tensor, image_mask: torch.Tensor | None):
-        self.batch = int(last_index.shape[0])
-        self.rows = torch.arange(self.batch, device=last_index.device)
-        self.last = last_index
+    def __init__(self, indices: dict[str, torch.Tensor], image_mask: torch.Tensor | None):
+        self.indices = indices  # single-token positions: name -> (batch,) token index
+        self.batch = int(indices["last"].shape[0])
+        self.rows = torch.arange(self.batch, device=indices["last"].device)
         self.image_rows = self.image_cols = self.image_counts = None
         if image_mask is not None:
             self.image_rows, self.image_cols = image_mask.nonzero(as_tuple=True)
@@ -92,8 +92,8 @@ class _Positions:
     def reduce(self, hidden: torch.Tensor, position: str) -> torch.Tensor:
         """(batch, tokens, width) -> (batch, width) float32 at one kept position."""
         device = hidden.device
-        if position == "last":
-            return hidden[self.rows.to(device), self.last.to(device)].to(torch.float32)
+        if position in self.indices:
+            return hidden[self.rows.to(device), self.indices[position].to(device)].to(torch.float32)
         if position == "image_mean":
             if self.image_rows is None:
                 raise ValueError("position 'image_mean' needs an image token mask")
@@ -102,14 +102,15 @@ class _Positions:
             tokens = hidden[rows, self.image_cols.to(device)].to(torch.float32)
             sums = torch.zeros(self.batch, hidden.shape[-1], dtype=torch.float32, device=device).index_add_(0, rows, tokens)
             return sums / self.image_counts.to(device)
-        raise ValueError(f"unknown position {position!r}; known: last, image_mean")
+        raise ValueError(f"position {position!r} was not located in this batch (have {sorted(self.indices)}, image_mean)")
 
 
 class LayerCapture:
     """Forward hooks on the decoder blocks that keep `positions` at `layers` for one batch.
 
-    Set `last_index` (batch,) and `image_mask` (batch, tokens) with `set_batch` before the
-    forward; read `vectors()` after it.
+    Set `last_index` (batch,), `image_mask` (batch, tokens) and, for `question_last`, the
+    question's last token index (batch,) with `set_batch` before the forward; read `vectors()`
+    after it.
     """
 
     def __init__(self, blocks: nn.ModuleList, layers: Sequence[int], positions: Sequence[str]):
@@ -128,12 +129,19 @@ class LayerCapture:
         self._kept: dict[str, list[torch.Tensor | None]] = {}
         self._where: _Positions | None = None
 
-    def set_batch(self, last_index: torch.Tensor, image_mask: torch.Tensor | None) -> None:
+    def set_batch(
+        self, last_index: torch.Tensor, image_mask: torch.Tensor | None, question_last: torch.Tensor | None = None
+    ) -> None:
         if "image_mean" in self.positions and image_mask is not None:
             empty = (image_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
             if empty:
                 raise ValueError(f"batch rows {empty} hold no image tokens: image_mean is undefined")
-        self._where = _Positions(last_index, image_mask)
+        if "question_last" in self.positions and question_last is None:
+            raise ValueError("position 'question_last' needs the question's last token index")
+        indices = {"last": last_index}
+        if question_last is not None:
+            indices["question_last"] = question_last
+        self._where = _Positions(indices, image_mask)
         self._kept = {pos: [None] * len(self.layers) for pos in self.positions}
 
     def _store(self, layer: int, hidden: torch.Tensor) -> None:
