@@ -273,9 +273,7 @@ def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str,
                 onsets: pl.DataFrame | None = None) -> alt.VConcatChart:
     """Drop vs normalised depth per model (one row each), the detected stages shaded behind; with
     `onsets`, each patched variant's causal onset (anchor_to_variant, last token) as a vertical
-    rule in the variant's colour, its CI as a bar along the top."""
-def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str) -> alt.VConcatChart:
-    """Drop vs normalised depth per model (one row each), the detected stages shaded behind."""
+    rule in the variant's colour, its CI as a bar along the top. Prompt-dependent rows only."""
     metrics = prompt_rows(metrics)
     variants = _series(metrics.filter((pl.col("position") == position) & (pl.col("family") != "anchor")))
     color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(variants), sort=_series_order(variants))
@@ -353,12 +351,13 @@ def model_charts(metrics: pl.DataFrame, behaviour: pl.DataFrame, model: str, alp
 def depth_panel_chart(
     metrics: Sequence[pl.DataFrame], stages: Sequence[pl.DataFrame], onsets: Sequence[pl.DataFrame] = ()
 ) -> alt.VConcatChart:
-    """The depth_panel job: every model's drop on normalised depth, at the `last` position if probed;
-    with the models' causal onsets tables where patching ran."""
+    """The depth_panel job: every model's drop on normalised depth, at the `last` position if probed
+    (else the first prompt-dependent one: the stages tables hold only those); with the models'
+    causal onsets tables where patching ran."""
     metrics_all = pl.concat(list(metrics), how="diagonal_relaxed")
     stages_all = pl.concat(list(stages), how="diagonal_relaxed")
     onsets_all = pl.concat(list(onsets), how="diagonal_relaxed") if onsets else None
-    positions = metrics_all["position"].unique().to_list()
+    positions = stages_all["position"].unique().to_list()
     return depth_panel(metrics_all, stages_all, "last" if "last" in positions else sorted(positions)[0], onsets_all)
 
 
