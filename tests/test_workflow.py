@@ -366,7 +366,7 @@ def test_summary_names_the_best_layers_and_answers(finished_run):
 
     workdir, cfg = finished_run
     text = summary_text(load_results(workdir / "results"), "report.html")
-    metrics = pl.read_parquet(workdir / "results" / "tiny-llava" / "metrics.parquet").filter(pl.col("prompt") == "anchor")
+    metrics = pl.read_parquet(workdir / "results" / "tiny-llava" / "metrics.parquet").filter(pl.col("prompt").is_in(["anchor", "image"]))
     for position in ("last", "image_mean"):
         part = metrics.filter(pl.col("position") == position)
         top = part["accuracy"].max()
