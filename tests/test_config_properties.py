@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stagelens.config import BUILTIN_FAMILIES, ConfigError, key_path, load_config, read_schema, rule_suffix, validate_config
+from stagelens.positions import IMAGE_PASS, IMAGE_POSITIONS, PROMPT_POSITIONS
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -130,7 +131,9 @@ def valid_configs(draw) -> dict:
     declared = cfg["prompts"].get("families", [])
     families = st.sampled_from([*BUILTIN_FAMILIES, *declared])
     cfg["prompts"]["anchor"]["family"] = draw(families) if "family" in cfg["prompts"]["anchor"] else "anchor"
-    ids = {cfg["prompts"]["anchor"]["id"].casefold()}
+    if cfg["prompts"]["anchor"]["id"].casefold() == IMAGE_PASS:
+        cfg["prompts"]["anchor"]["id"] += "_0"  # reserved: the image pass writes under that name
+    ids = {cfg["prompts"]["anchor"]["id"].casefold(), IMAGE_PASS}
     for i, variant in enumerate(cfg["prompts"].get("variants", [])):
         variant["family"] = draw(families)
         while variant["id"].casefold() in ids:
@@ -151,6 +154,8 @@ def valid_configs(draw) -> dict:
             model["layers"] = sorted({min(layer, model["num_layers"]) for layer in model["layers"]})
         if model.get("dtype", "float32") == "float32":
             model.pop("vector_dtype", None)
+        if model.get("positions") and not set(model["positions"]) & set(PROMPT_POSITIONS):
+            model["positions"].append(PROMPT_POSITIONS[0])  # image positions alone leave nothing per prompt
         models[name] = model
     next(iter(models.values()))["enabled"] = True
     cfg["models"] = models
@@ -267,6 +272,12 @@ def cross_field_break(cfg: dict, which: str) -> tuple[dict, str, str]:
     if which == "half vectors of a float32 model":
         model.update(dtype="float32", vector_dtype="float16")
         return cfg, f"models.{name}.vector_dtype", "need a 16-bit model dtype"
+    if which == "image positions only":
+        model["positions"] = list(IMAGE_POSITIONS)
+        return cfg, f"models.{name}.positions", "needs at least one prompt-dependent position"
+    if which == "reserved prompt id":
+        variants.append({"id": IMAGE_PASS, "family": "control", "text": "q", "expected": "no"})
+        return cfg, f"prompts.variants[{len(variants) - 1}].id", "is reserved"
     if which == "unknown patching variant":
         cfg.setdefault("patching", {})["variants"] = [prompts["anchor"]["id"]]
         return cfg, "patching.variants[0]", "is not a variant id"
@@ -274,7 +285,7 @@ def cross_field_break(cfg: dict, which: str) -> tuple[dict, str, str]:
 
 
 CROSS_FIELD = ("unknown family", "case collision", "recipe and path", "layer too deep", "half vectors of a float32 model",
-               "unknown patching variant")
+               "image positions only", "reserved prompt id", "unknown patching variant")
 
 
 def assert_names_key(cfg: dict, key: str, text: str) -> str:

@@ -150,6 +150,11 @@ def layers_of(model):
     return model_layers(MODELS[model])
 
 
+def prompt_positions(model):
+    """The positions a model's prompt files hold (the image positions are the image pass's)."""
+    return [p for p in MODELS[model]["positions"] if p not in IMAGE_POSITIONS]
+
+
 def has_image_pass(model):
     """Whether a model keeps image positions (read by its image pass, once per split)."""
     return any(p in IMAGE_POSITIONS for p in MODELS[model]["positions"])

@@ -5,11 +5,6 @@
 # ~0.2 s): a paper run has about a thousand of them.
 
 
-def prompt_positions(model):
-    """The positions a model's prompt files hold (the image positions are the image pass's)."""
-    return [p for p in MODELS[model]["positions"] if p not in IMAGE_POSITIONS]
-
-
 rule train_probe:
     """Standardised multinomial logistic regression (C by CV) and its shuffled-label control."""
     input:
