@@ -209,13 +209,18 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+DAEMONS = ("slurmctld", "slurmd", "munged")
+
+
 def _pid_from_file(path: Path) -> int | None:
-    """The live process a pid file names, or None."""
+    """The live Slurm or munge daemon a pid file names, or None (a stale file left by a killed
+    run may name a pid the system has since given to another process: never signal that one)."""
     try:
         pid = int(path.read_text().strip())
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
     except (OSError, ValueError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if name in DAEMONS and _pid_alive(pid) else None
 
 
 def _stop_pid_file(path: Path, timeout: float = 10.0) -> None:

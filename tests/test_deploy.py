@@ -75,7 +75,9 @@ def test_deployed_module_runs_the_tiny_config(tmp_path):
     metrics = pl.read_parquet(out / "tiny-llava" / "metrics.parquet")
     assert sorted(metrics["layer"].unique().to_list()) == [0, 1, 2]
     manifest = pl.read_parquet(out / "data" / "manifest.parquet")
-    assert manifest.height == 10 * 3 and sorted(metrics["prompt"].unique().to_list()) == ["anchor", "neg"]
+    assert manifest.height == 10 * 3
+    prompts = metrics.filter(pl.col("readout") == "prompt")["prompt"].unique().sort().to_list()
+    assert prompts == ["anchor", "neg"] and metrics.filter(pl.col("readout") == "image")["position"].unique().to_list() == ["image_mean"]
     # The images came from the checkout's resources/, the outputs and logs went to the project.
     assert all(Path(p).is_relative_to(REPO / "resources" / "fashion_mnist") for p in manifest["path"])
     assert (project / "logs" / "prepare_dataset.log").is_file()

@@ -29,7 +29,7 @@ def test_fit_table_reads_convergence_per_layer_and_position():
 
 def metrics(layers: int) -> pl.DataFrame:
     return pl.DataFrame([
-        {"model": "m", "revision": "main", "position": "last", "layer": layer, "prompt": prompt, "family": family,
+        {"model": "m", "revision": "main", "readout": "prompt", "position": "last", "layer": layer, "prompt": prompt, "family": family,
          "n": 20, "chance": 0.5, "accuracy": 0.8, "accuracy_ci_low": 0.7, "accuracy_ci_high": 0.9,
          "control_accuracy": 0.5}
         for layer in range(layers) for prompt, family in (("anchor", "anchor"), ("neg", "negation"))

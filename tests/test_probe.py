@@ -71,7 +71,7 @@ def _evaluate(files, trained, tmp_path, variant: str, prompt: dict, modules_out=
         input={"probe": trained / "layer3.safetensors", "control": trained / "control.safetensors",
                "variant": files[variant], "anchor": files["test"]},
         output={"metrics": out},
-        params={"model_name": "synth", "prompt": prompt, "evaluate": {"n_bootstrap": 200, "ci": 0.95}, "seed": SEED},
+        params={"model_name": "synth", "prompt": prompt, "readout": "prompt", "evaluate": {"n_bootstrap": 200, "ci": 0.95}, "seed": SEED},
         log=tmp_path / "evaluate.log",
         modules_out=modules_out,
     )

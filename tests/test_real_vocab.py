@@ -30,7 +30,7 @@ from stagelens.adapters import hf
 from stagelens.adapters.architectures import ARCHITECTURES
 from stagelens.adapters.base import ANSWER_WORDS
 from stagelens import prompts as prompt_module
-from stagelens.prompt_layout import IMAGE_PASS_QUESTION, prompt_layout, shared_image_prefix_problem
+from stagelens.prompt_layout import IMAGE_PASS_QUESTION, expanded_layout, prompt_layout, shared_image_prefix_problem
 from stagelens.prompts import answer_token_ids, build_inputs, render_prompt
 from stagelens.spec import ModelSpec
 
@@ -548,3 +548,29 @@ def test_paper_prompts_share_the_image_pass_tokens(name, tokenizers):
     text_first = question + "\n" + model.rendered(question)
     problem = shared_image_prefix_problem(prompt_layout(tok, text_first, question, model.image_token_id), reference, tok)
     assert problem is not None and "differ from the image pass's from token" in problem
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MODELS))
+def test_expanded_layout_finds_the_positions_in_the_processors_ids(name, processors, tokenizers):
+    """The layout the HF adapter uses (on the processor's image-expanded ids) counts the same
+    tokens from the end as the rendered text's; text a processor adds around the prompt
+    (PaliGemma prepends the image run, appends a newline) shifts the counts with it."""
+    model, processor, tok = PAPER_MODELS[name], processors[name], tokenizers[name]
+    question = paper_prompts()[0]["text"]
+    rendered = model.rendered(question)
+    plain = prompt_layout(tok, rendered, question, model.image_token_id)
+    ids = build_inputs(processor, [photo(500, 375)], question)["input_ids"][0].tolist()
+    layout = expanded_layout(tok, rendered, question, ids, model.image_token_id)
+    assert layout.ids == tuple(ids) and len(ids) > len(plain.ids)
+    assert layout.from_end(layout.question_last) == plain.from_end(plain.question_last)
+    assert layout.from_end(layout.image_last) == plain.from_end(plain.image_last)
+
+    newline = tok.convert_tokens_to_ids(tok.tokenize("\n"))[-1]
+    wrapped = [model.image_token_id] * 4 + list(plain.ids) + [newline]
+    layout = expanded_layout(tok, rendered, question, wrapped, model.image_token_id)
+    assert layout.from_end(layout.question_last) == plain.from_end(plain.question_last) + 1
+    assert layout.image_last == 4 + plain.image_last
+    changed = list(plain.ids)
+    changed[plain.question_last] = newline
+    with pytest.raises(ValueError, match="changed the question's last token"):
+        expanded_layout(tok, rendered, question, changed, model.image_token_id)

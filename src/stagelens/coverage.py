@@ -100,6 +100,11 @@ def _per_row(hidden, image_mask) -> tuple[np.ndarray, np.ndarray | None]:
     return last, np.stack([h[b][image_mask[b]].mean(0).numpy() for b in range(h.shape[0])])
 
 
+def failure(err: Exception) -> str:
+    """A failing column's entry: the error's type and first line."""
+    return f"fail: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+
+
 def _check_loaded(adapter, results: dict[str, str]) -> None:
     """Every column after `loads`, on a loaded adapter; a failing column records its error."""
     import torch
@@ -117,14 +122,18 @@ def _check_loaded(adapter, results: dict[str, str]) -> None:
         try:
             results[name] = fn() or "pass"
         except Exception as err:  # a failing column is a result, not a crash of the matrix
-            results[name] = f"fail: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            results[name] = failure(err)
 
     def template():
         adapter.render_prompt(QUESTION)
         return "stand-in" if facts.template_is_stand_in else "published"
 
     column("template", template)
-    got = adapter.forward(batch, QUESTION, layers, positions)
+    try:
+        got = adapter.forward(batch, QUESTION, layers, positions)
+    except Exception as err:  # e.g. a prompt layout without the image token: every later column fails
+        results.update(dict.fromkeys(COLUMNS[COLUMNS.index("image_tokens"):], failure(err)))
+        return
     ref = reference(adapter, batch)
     input_ids = ref["inputs"]["input_ids"]
     # The model's own image token id (what its forward merges features into), not the adapter's.
@@ -250,7 +259,7 @@ def check(model_type: str, workdir: str | Path, checkpoint: str | Path | None = 
     try:
         adapter = load_adapter(spec(path))
     except Exception as err:
-        results["loads"] = f"fail: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        results["loads"] = failure(err)
         return results
     results["loads"] = "pass"
     _check_loaded(adapter, results)

@@ -25,7 +25,7 @@ from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, Prepa
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
 from stagelens.adapters.residual_patch import Continuation
 from stagelens.adapters.qwen_processor import load_processor, torchvision_available
-from stagelens.prompt_layout import PromptLayout, prompt_layout
+from stagelens.prompt_layout import PromptLayout, expanded_layout
 from stagelens.prompts import answer_token_paths, build_inputs, render_prompt
 from stagelens.spec import ModelSpec, resolve_device, torch_dtype
 
@@ -33,8 +33,8 @@ from stagelens.spec import ModelSpec, resolve_device, torch_dtype
 # position_ids = cumsum(mask) - 1 under left padding (what generate() does).
 _POSITION_IDS_TEXT_TYPES = ("llama", "mistral")
 
-
-
+# The image a prompt's layout is computed with (any image gives the same counts from the end).
+LAYOUT_IMAGE = Image.new("RGB", (64, 64), (128, 128, 128))
 
 # Per-token processor outputs (batch, T): what the image pass cuts after the last image token.
 _TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -65,8 +65,10 @@ class HFAdapter(PreparingAdapter):
         self.facts = facts
         # Cross-attention families (mllama) never put image features in the LM sequence.
         self.image_positions = facts.image_tokens_in_sequence if facts is not None else True
+        self.nested_images = facts is not None and facts.nested_images
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self._layouts: dict[str, PromptLayout] = {}
         self.info = info
         self.image_token_id = int(image_token_id)
         self.position_ids = position_ids
@@ -100,11 +102,18 @@ class HFAdapter(PreparingAdapter):
         return render_prompt(self.processor, question)
 
     def layout(self, question: str) -> PromptLayout:
-        return prompt_layout(self.processor.tokenizer, self.render_prompt(question), question, self.image_token_id)
+        """The layout of the processor's ids for one (grey) image: positions counted from the
+        end hold for any image, and the tokens before the image run do not depend on it."""
+        if question not in self._layouts:
+            ids = build_inputs(self.processor, [LAYOUT_IMAGE], question, nested=self.nested_images)["input_ids"][0]
+            self._layouts[question] = expanded_layout(
+                self.processor.tokenizer, self.render_prompt(question), question, ids.tolist(), self.image_token_id
+            )
+        return self._layouts[question]
 
     def build_inputs(self, images: Sequence[Image.Image], question: str):
         """Processor outputs for a batch, on the model's device, floats in the model's dtype."""
-        return build_inputs(self.processor, images, question).to(self._device).to(self._dtype)
+        return build_inputs(self.processor, images, question, nested=self.nested_images).to(self._device).to(self._dtype)
 
     def model_kwargs(self, inputs) -> dict:
         """Forward kwargs: every processor key but training labels, plus positions for 1-D RoPE LMs."""
@@ -195,7 +204,7 @@ class HFAdapter(PreparingAdapter):
         so extraction can prepare the next batch while the model runs this one. image_only:
         every per-token input is cut after the last image token (left padding puts it at the
         same column in every row: the text after it is the same for all)."""
-        inputs = build_inputs(self.processor, images, question, nested=self.facts is not None and self.facts.nested_images)
+        inputs = build_inputs(self.processor, images, question, nested=self.nested_images)
         layout = self.layout(question)
         if not image_only:
             return Prepared(inputs, layout.from_end(layout.question_last))
