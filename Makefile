@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 # with the matching index URL in PIP_EXTRA_INDEX_URL (see README, "GPU machines").
 TORCH_SPEC ?= torch==2.13.0
 CORES ?= all
+# Test files run on this many pytest-xdist workers (a file's tests stay on one worker: the Slurm
+# tests share one cluster, the fault tests one killed run). More workers than cores: the long
+# tests mostly wait on Snakemake, Slurm and their subprocesses.
+TEST_WORKERS ?= 4
 
 .PHONY: run test setup setup-test clean projector
 
@@ -41,7 +45,7 @@ projector: setup
 	cp results/cache/embedded/effnet-smollm2/projector.safetensors results/cache/embedded/effnet-smollm2/projector_training.json resources/embedded/
 
 test: setup-test
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf results .snakemake

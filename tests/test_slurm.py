@@ -69,6 +69,7 @@ def slurm_args(cluster: slurm_cluster.SlurmCluster) -> list[str]:
         "--slurm-no-account",
         "--default-resources", f"slurm_partition={cluster.partition}",
         "--slurm-init-seconds-before-status-checks", "1",
+        "--seconds-between-status-checks", "2",  # the default 10 s per round dominates a tiny run
     ]  # fmt: skip
 
 

@@ -104,12 +104,11 @@ class HFAdapter(PreparingAdapter):
     def layout(self, question: str) -> PromptLayout:
         """The layout of the processor's ids for one (grey) image: positions counted from the
         end hold for any image, and the tokens before the image run do not depend on it."""
-        if question not in self._layouts:
+        rendered = self.render_prompt(question)  # the key: the template may change under the adapter
+        if rendered not in self._layouts:
             ids = build_inputs(self.processor, [LAYOUT_IMAGE], question, nested=self.nested_images)["input_ids"][0]
-            self._layouts[question] = expanded_layout(
-                self.processor.tokenizer, self.render_prompt(question), question, ids.tolist(), self.image_token_id
-            )
-        return self._layouts[question]
+            self._layouts[rendered] = expanded_layout(self.processor.tokenizer, rendered, question, ids.tolist(), self.image_token_id)
+        return self._layouts[rendered]
 
     def build_inputs(self, images: Sequence[Image.Image], question: str):
         """Processor outputs for a batch, on the model's device, floats in the model's dtype."""
