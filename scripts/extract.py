@@ -1,6 +1,6 @@
-"""Snakemake jobs extract_{model} (one split x prompt: the prompt-dependent positions and the
-answers) and image_pass_{model} (one split: the image positions, read once per image); every
-layer's file in one pass."""
+"""Snakemake jobs extract_{model} (one split x prompt: the prompt-dependent positions, the
+answers and the answer readout per layer) and image_pass_{model} (one split: the image
+positions, read once per image); every layer's file in one pass."""
 
 from stagelens.job import start
 
@@ -20,7 +20,8 @@ adapter = load_adapter(spec)
 print(f"loaded {adapter.info}", file=sys.stderr)
 samples, split, embeddings = read_split(smk.input.manifest, smk.params.split), smk.params.split, list(smk.output.embeddings)
 if hasattr(smk.params, "prompt"):  # extract_<model>; image_pass_<model> has no prompt
-    summary = extract(adapter, spec, samples, dict(smk.params.prompt), embeddings, smk.output.answers, split=split)
+    summary = extract(adapter, spec, samples, dict(smk.params.prompt), embeddings, smk.output.answers, split=split,
+                      readout_path=smk.output.readout)
 else:
     summary = extract_image(adapter, spec, samples, embeddings, split=split)
 print(f"wrote {summary['rows']} rows x {len(summary['layers'])} layers in {summary['seconds']:.1f} s", file=sys.stderr)

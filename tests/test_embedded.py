@@ -195,6 +195,16 @@ def test_adapter_shapes_and_values_match_a_plain_forward(model, images):
         expected = probs[:, ids[word]].max(-1).values.numpy()
         np.testing.assert_allclose(out.answer_probs[:, column], expected, rtol=1e-5, atol=1e-7)
 
+    # The answer readout: the model's own answers at the last layer, its norm and head on
+    # output_hidden_states' last token below it.
+    assert out.readout.shape == (3, len(images), len(ANSWER_WORDS))
+    np.testing.assert_allclose(np.exp(out.readout[-1]), out.answer_probs, atol=1e-5, rtol=1e-5)
+    for slot, layer in enumerate(layers[:-1]):
+        with torch.no_grad():
+            lens = model.lm.lm_head(model.lm.model.norm(hidden[layer][:, -1])).softmax(-1)
+        expected = np.stack([lens[:, ids[w]].max(-1).values.numpy() for w in ANSWER_WORDS], axis=1)
+        np.testing.assert_allclose(np.exp(out.readout[slot]), expected, rtol=1e-4, atol=1e-7)
+
 
 def test_image_pass_and_question_last_match_a_plain_forward(model, images):
     """The image pass (tokens up to the last image token) gives the image_mean of a full forward
@@ -204,6 +214,9 @@ def test_image_pass_and_question_last_match_a_plain_forward(model, images):
     full = adapter.forward(images, QUESTION, layers, ["question_last", "image_mean"])
     shared = adapter.forward_image(images, layers)
     assert set(shared.vectors) == {"image_mean"} and shared.answer_probs.shape == (len(images), 0)
+    # Without `last` among the positions the readout still reads the last token; the image pass has none.
+    assert set(full.vectors) == {"question_last", "image_mean"} and shared.readout is None
+    np.testing.assert_allclose(np.exp(full.readout[-1]), full.answer_probs, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(shared.vectors["image_mean"], full.vectors["image_mean"], rtol=1e-5, atol=1e-5)
     ids = model.tokenizer(model.render_prompt(QUESTION), add_special_tokens=False)["input_ids"]
     question_ids = model.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from script_job import run_script
@@ -50,10 +51,11 @@ POSITIONS = ("last", "question_last", "image_mean")
 
 
 def run(adapter, samples, root, layers=None, batch_size=3, prompt=PROMPT, **kw):
+    """Extract one prompt; the answer readout goes to root / "readout.parquet"."""
     spec = spec_of(adapter.info.model_id, layers=None if layers is None else tuple(layers), batch_size=batch_size,
                    positions=POSITIONS, **kw)
     emb, ans = outputs(root, spec.layers_of(adapter.info.num_layers))
-    extract(adapter, spec, samples, prompt, emb, ans, split="test", progress=False)
+    extract(adapter, spec, samples, prompt, emb, ans, split="test", readout_path=root / "readout.parquet", progress=False)
     return emb, ans
 
 
@@ -97,6 +99,33 @@ def test_extract_end_to_end(adapters, samples, tmp_path, recipe):
     assert answers["n_image_tokens"] == [int(d.n_image_tokens[0]) for d in direct]
     assert "layer" not in read_metadata(ans) and read_metadata(ans)["prompt_id"] == "anchor"
     assert sorted(os.listdir(tmp_path / "emb")) == sorted(p.name for p in emb)
+    check_readout(adapter, tmp_path / "readout.parquet", emb, answers, probs)
+
+
+def check_readout(adapter, path, emb, answers, probs):
+    """The readout file: image x layer rows; at the last layer the model's own answer probabilities
+    (1e-5); at every layer the model's final norm and unembedding (read from the model, not the
+    architecture table) applied to the stored `last` vectors; margin = log P(yes) - log P(no)."""
+    readout = pq.read_table(path).to_pydict()
+    n, layers = len(answers["sample_id"]), list(range(len(emb)))
+    assert readout["sample_id"] == [i for i in answers["sample_id"] for _ in layers]
+    assert readout["layer"] == layers * n and readout["label"] == [y for y in answers["label"] for _ in layers]
+    meta = read_metadata(path)
+    assert meta["readout_layers"] == layers and meta["prompt_id"] == "anchor" and "margin_rule" in meta
+    assert "readout_rule" in meta["adapter"]
+    got = np.array([readout[f"p_{w}"] for w in ANSWER_WORDS]).T.reshape(n, len(layers), len(ANSWER_WORDS))
+    # One-token answer paths only (the tiny tokenizers): the readout at the last layer is the model's answer.
+    assert all(len(p) == 1 for paths in adapter.answer_paths.values() for p in paths)
+    np.testing.assert_allclose(got[:, -1], probs, atol=1e-5, rtol=1e-5)
+    norm, head = adapter.model.model.language_model.norm, adapter.model.get_output_embeddings()
+    for layer, path_ in enumerate(emb):
+        _, _, last = read_vectors(path_, "last")
+        with torch.no_grad():
+            full = head(norm(torch.from_numpy(last))).double().softmax(-1).numpy()
+        expected = np.stack([full[:, adapter.answer_ids[w]].max(1) for w in ANSWER_WORDS], axis=1)
+        np.testing.assert_allclose(got[:, layer], expected, atol=1e-6, rtol=1e-4)
+    margin = np.log(got[..., 0] + got[..., 1]) - np.log(got[..., 2] + got[..., 3])
+    np.testing.assert_allclose(np.array(readout["margin"]).reshape(n, len(layers)), margin, atol=1e-4)
 
 
 def test_outputs_read_as_is_by_polars_pandas_duckdb(adapters, samples, tmp_path):
@@ -184,13 +213,15 @@ def test_job_scripts_build_and_extract(tmp_path, image_rows):
     model_cfg = {**CFG, "batch_size": 4, "num_layers": 3, "layers": layers, "positions": ["last"],
                  "vector_dtype": "float32", "trust_remote_code": False, "max_pixels": None}
     run_script("extract.py", input={"manifest": manifest, "model": model_dir},
-               output={"embeddings": emb, "answers": tmp_path / "answers.parquet"}, log=tmp_path / "extract.log",
+               output={"embeddings": emb, "answers": tmp_path / "answers.parquet", "readout": tmp_path / "readout.parquet"},
+               log=tmp_path / "extract.log",
                params={"model_name": "tiny-llava", "model": model_cfg, "model_path": str(model_dir),
                        "prompt": PROMPT, "split": "test"})
     ids, _, vectors = read_vectors(emb[1], "last")
     assert ids.tolist() == [r[0] for r in image_rows] and vectors.shape == (len(image_rows), 64)
     assert read_metadata(emb[1])["layer"] == 3 and read_metadata(emb[1])["model_name"] == "tiny-llava"
     assert "wrote 7 rows x 2 layers" in (tmp_path / "extract.log").read_text()
+    assert pq.read_table(tmp_path / "readout.parquet").column("layer").to_pylist() == layers * len(image_rows)
     image = [tmp_path / "image" / f"layer{layer}.parquet" for layer in layers]
     run_script("extract.py", input={"manifest": manifest, "model": model_dir}, output={"embeddings": image},
                log=tmp_path / "image.log", params={"model_name": "tiny-llava", "model_path": str(model_dir),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 
@@ -125,6 +126,7 @@ def test_layer_subset_keeps_requested_order(adapters, image_rows):
     full = adapter.forward(images, QUESTION, [0, 1, 2, 3, 4], ["last"])
     subset = adapter.forward(images, QUESTION, [4, 0, 2], ["image_mean", "last"])
     np.testing.assert_allclose(subset.vectors["last"], full.vectors["last"][[4, 0, 2]], atol=1e-6)
+    np.testing.assert_allclose(subset.readout, full.readout[[4, 0, 2]], atol=1e-6)  # the readout follows `layers`
     with pytest.raises(ValueError, match="out of range"):
         adapter.forward(images, QUESTION, [5], ["last"])
 
@@ -310,6 +312,38 @@ def test_generic_path_equals_specific_adapter(adapters, tiny_model_dirs, image_r
     b = adapters["tiny-llava"].forward(images, QUESTION, [0, 4], ["last", "image_mean"])
     np.testing.assert_allclose(a.vectors["last"], b.vectors["last"], atol=1e-6)
     np.testing.assert_allclose(a.answer_probs, b.answer_probs, atol=1e-7)
+    np.testing.assert_allclose(a.readout, b.readout, atol=1e-6)  # norm and head found without the table
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_readout_of_a_planted_state_gives_its_word(adapters, recipe):
+    """A state whose image under the final norm is a scaled unembedding row reads out that row's
+    word: the top token of the full vocabulary, and the answer margin's sign follows it. The norm's
+    weights are drawn at random (a copy), so the planted state must undo them."""
+    from stagelens.adapters.readout import AnswerReadout
+    from stagelens.extract import answer_margin
+
+    adapter = adapters[recipe]
+    norm = copy.deepcopy(adapter.readout.final_norm)
+    with torch.no_grad():
+        norm.weight.copy_(torch.empty_like(norm.weight).uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(0)))
+    readout = AnswerReadout(norm, adapter.readout.unembedding, adapter.readout.word_ids)
+    rows = adapter.readout.unembedding.weight.detach()
+    for j, word in enumerate(ANSWER_WORDS):
+        token = adapter.answer_ids[word][0]
+        planted = (3.0 * rows[token] / norm.weight.detach())[None, None]  # norm(planted) = c * rows[token], c > 0
+        with torch.no_grad():
+            normed = norm(planted)[0, 0]
+            full = adapter.readout.unembedding(normed).softmax(-1)
+        assert torch.nn.functional.cosine_similarity(normed, rows[token], dim=0) > 0.9999
+        assert int(full.argmax()) == token
+        probs = readout.log_probs(planted)[0, 0].exp().numpy()
+        assert int(probs.argmax()) == j
+        log_probs = np.log(probs)
+        if word.lower() in ("yes", "no"):
+            assert (answer_margin(log_probs, "yes") > 0) == (word.lower() == "yes")
+        else:
+            assert (answer_margin(log_probs, "1") > 0) == (word == "1")
 
 
 @pytest.mark.parametrize("recipe", ["tiny-llava-next", "tiny-qwen2-vl"])

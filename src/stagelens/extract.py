@@ -5,7 +5,9 @@ positions (and the model's answers); `extract_image` runs the tokens up to the l
 once and keeps the image positions, which no prompt can change (every prompt renders to the same
 ids up to the last image token: checked per prompt, `image_prefix_problem`).
 One forward pass per batch yields all layers; each layer's vectors go to their own Parquet
-writer, the model's answer-word probabilities to the answers file. Outputs appear only after
+writer, the model's answer-word probabilities to the answers file, and (prompt pass) the answer
+readout per layer (the model's final norm and unembedding on each layer's last-token state,
+stagelens.adapters.readout) to the readout file. Outputs appear only after
 the last batch (temporary files + os.replace); any exception removes the temporary files.
 Memory stays flat in the number of images: images are opened per batch and the writers flush
 bounded row groups.
@@ -31,6 +33,8 @@ from stagelens import __version__
 from stagelens.adapters.base import (
     ANSWER_WORDS,
     IMAGE_POSITIONS,
+    OPPOSITE,
+    WORD_SPELLINGS,
     POSITIONS,
     PROMPT_POSITIONS,
     BatchVectors,
@@ -43,7 +47,10 @@ from stagelens.finite import check_finite
 from stagelens.prompt_layout import IMAGE_PASS_QUESTION, shared_image_prefix_problem
 from stagelens.images import ImageDecodeError, open_rgb
 from stagelens.spec import ModelSpec, vector_dtype_problem
-from stagelens.store import METADATA_KEY, EmbeddingWriter, ParquetStreamWriter, answers_schema
+from stagelens.store import METADATA_KEY, EmbeddingWriter, ParquetStreamWriter, answers_schema, readout_schema
+
+MARGIN_RULE = ("log P(expected) - log P(opposite) (yes/no, 1/0), each the sum of its spellings' probabilities "
+               "(case variants), from the layer's readout")
 
 
 @dataclass(frozen=True)
@@ -244,10 +251,12 @@ def extract(
     answers_path: str | os.PathLike,
     *,
     split: str,
+    readout_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, object]:
-    """Write embedding_paths[i] (layer i of `spec`'s layers; the prompt-dependent positions) and
-    answers_path for `samples` under `prompt`.
+    """Write embedding_paths[i] (layer i of `spec`'s layers; the prompt-dependent positions),
+    answers_path and (where given) readout_path, the answer readout per image x layer, for
+    `samples` under `prompt`.
 
     prompt: {"id", "text", "family", "expected"}. A prompt whose tokens before the last image
     token differ from the image pass's is refused (its image tokens would depend on it, so the
@@ -263,7 +272,8 @@ def extract(
                 f"positions {image_positions(spec)} once per image, before any question; put the image first "
                 f"in this prompt or drop {image_positions(spec)} from models.{spec.name}.positions"
             )
-    return _write_pass(adapter, spec, samples, prompt, prompt_positions(spec), layers, embedding_paths, answers_path, split, progress)
+    return _write_pass(adapter, spec, samples, prompt, prompt_positions(spec), layers, embedding_paths, answers_path,
+                       readout_path, split, progress)
 
 
 def extract_image(
@@ -282,7 +292,7 @@ def extract_image(
     positions = image_positions(spec)
     if not positions:
         raise ValueError(f"models.{spec.name}.positions has no image position ({list(IMAGE_POSITIONS)}): no image pass to run")
-    return _write_pass(adapter, spec, samples, None, positions, layers, embedding_paths, None, split, progress)
+    return _write_pass(adapter, spec, samples, None, positions, layers, embedding_paths, None, None, split, progress)
 
 
 def _write_pass(
@@ -294,10 +304,12 @@ def _write_pass(
     layers: list[int],
     embedding_paths: Sequence[str | os.PathLike],
     answers_path: str | os.PathLike | None,
+    readout_path: str | os.PathLike | None,
     split: str,
     progress: bool,
 ) -> dict[str, object]:
-    """Run every batch and write the files of one pass (prompt None: the image pass, no answers)."""
+    """Run every batch and write the files of one pass (prompt None: the image pass, no answers
+    and no readout)."""
     if spec.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
     if not samples:
@@ -318,6 +330,11 @@ def _write_pass(
         if answers_path is not None:
             answers = ParquetStreamWriter(answers_path, answers_schema(ANSWER_WORDS, meta))
             writers.append(answers)
+        readout = None
+        if readout_path is not None:
+            readout_meta = {**meta, "readout_layers": layers, "margin_rule": MARGIN_RULE}
+            readout = ParquetStreamWriter(readout_path, readout_schema(ANSWER_WORDS, readout_meta))
+            writers.append(readout)
         with tqdm(total=len(samples), unit="img", file=sys.stderr, disable=not progress, desc=desc) as bar:
             for batch, out in _run_batches(adapter, samples, batch_size, question, layers, positions):
                 ids = [s.sample_id for s in batch]
@@ -336,6 +353,8 @@ def _write_pass(
                             "n_image_tokens": np.asarray(out.n_image_tokens, dtype=np.int32),
                         }
                     )
+                if readout is not None:
+                    readout.write(readout_rows(ids, labels, layers, out.readout, prompt["expected"]))
                 bar.update(len(batch))
     except BaseException:
         for writer in writers:
@@ -344,3 +363,33 @@ def _write_pass(
     for writer in writers:
         writer.commit()
     return {"rows": len(samples), "seconds": time.perf_counter() - start, "layers": layers}
+
+
+def answer_margin(log_probs: np.ndarray, expected: str) -> np.ndarray:
+    """(..., len(ANSWER_WORDS)) log-probabilities -> (...) log P(expected) - log P(opposite),
+    each answer's spellings' probabilities summed (MARGIN_RULE; the patching score, signed so
+    that > 0 favours the prompt's expected answer)."""
+    def word(w: str) -> np.ndarray:
+        return np.logaddexp.reduce(log_probs[..., [ANSWER_WORDS.index(s) for s in WORD_SPELLINGS[w]]], axis=-1)
+
+    return word(expected) - word(OPPOSITE[expected])
+
+
+def readout_rows(
+    ids: Sequence[str], labels: np.ndarray, layers: Sequence[int], log_probs: np.ndarray | None, expected: str
+) -> dict[str, object]:
+    """The readout file's columns for one batch, image-major (each image's layers in order);
+    log_probs: (layers, batch, len(ANSWER_WORDS)) from `BatchVectors.readout`."""
+    if log_probs is None:
+        raise ValueError("the adapter returned no answer readout for the prompt pass")
+    n_layers, n = len(layers), len(ids)
+    if log_probs.shape != (n_layers, n, len(ANSWER_WORDS)):
+        raise ValueError(f"readout of shape {log_probs.shape}, expected {(n_layers, n, len(ANSWER_WORDS))}")
+    per_image = np.asarray(log_probs, dtype=np.float32).transpose(1, 0, 2).reshape(n * n_layers, -1)
+    return {
+        "sample_id": [i for i in ids for _ in layers],
+        "label": np.repeat(labels, n_layers),
+        "layer": np.tile(np.asarray(layers, dtype=np.int32), n),
+        **{f"p_{w}": np.exp(per_image[:, j]) for j, w in enumerate(ANSWER_WORDS)},
+        "margin": answer_margin(per_image, expected).astype(np.float32),
+    }

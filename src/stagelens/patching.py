@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from stagelens.adapters.base import ANSWER_WORDS, LayerConvention, ModelInfo
+from stagelens.adapters.base import ANSWER_WORDS, WORD_SPELLINGS, LayerConvention, ModelInfo
 from stagelens.adapters.residual_patch import Continuation, overwrite_residuals, record_residuals
 from stagelens.atomic import atomic_path
 from stagelens.extract import Sample, batches, load_image, versions
@@ -34,8 +34,6 @@ DIRECTIONS = ("anchor_to_variant", "variant_to_anchor")
 # `last`: the last token only; `suffix`: every token after the shared prefix (the question and
 # the template's tail), only where both prompts have the same number of tokens.
 PATCH_POSITIONS = ("last", "suffix")
-# Answer word -> the ANSWER_WORDS entries whose probabilities are summed for it.
-WORD_SPELLINGS = {"yes": ("yes", "Yes"), "no": ("no", "No"), "1": ("1",), "0": ("0",)}
 
 
 class PrefixRun(Protocol):

@@ -1,4 +1,4 @@
-"""Embedding and answer Parquet files: schema, streaming atomic writer, readers.
+"""Embedding, answer and answer-readout Parquet files: schema, streaming atomic writer, readers.
 
 Imports only numpy and pyarrow so light jobs (probe evaluation) can read embeddings without
 paying for torch. The file format is the data contract between extraction and probing:
@@ -50,6 +50,14 @@ def answers_schema(words: Sequence[str], metadata: Mapping[str, object]) -> pa.S
     fields = [pa.field("sample_id", pa.string()), pa.field("label", pa.int32())]
     fields += [pa.field(f"p_{w}", pa.float32()) for w in words]
     fields += [pa.field("answer", pa.string()), pa.field("n_image_tokens", pa.int32())]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)})
+
+
+def readout_schema(words: Sequence[str], metadata: Mapping[str, object]) -> pa.Schema:
+    """Schema of one answer-readout file: per image x layer, p_<word> per answer word and the margin."""
+    fields = [pa.field("sample_id", pa.string()), pa.field("label", pa.int32()), pa.field("layer", pa.int32())]
+    fields += [pa.field(f"p_{w}", pa.float32()) for w in words]
+    fields += [pa.field("margin", pa.float32())]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)})
 
 

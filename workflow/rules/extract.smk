@@ -1,6 +1,7 @@
 # One rule per model: each model has its own layer count, and one job (one forward pass per
 # batch) writes every layer's file. Wildcards: {split} and {prompt}; the model is fixed per rule.
-# extract_<model> keeps the prompt-dependent positions (and the model's answers) of one prompt;
+# extract_<model> keeps the prompt-dependent positions of one prompt, the model's answers and the
+# answer readout per layer (its final norm and unembedding on each layer's last-token state);
 # image_pass_<model> keeps the image positions of one split once: the tokens up to the last
 # image token, which every prompt shares (each prompt's job checks that from its token ids).
 
@@ -14,6 +15,7 @@ for _model in MODELS:
         output:
             embeddings=[embedding_path(_model, "{split}", "{prompt}", layer) for layer in layers_of(_model)],
             answers=answers_path(_model, "{split}", "{prompt}"),
+            readout=readout_path(_model, "{split}", "{prompt}"),
         params:
             model_name=_model,
             model=MODELS[_model],

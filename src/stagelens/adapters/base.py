@@ -16,6 +16,10 @@ from stagelens.prompt_layout import IMAGE_PASS_QUESTION, PromptLayout
 # scored as the first token of the word and of the word with a leading space; case variants
 # are separate entries so `answer_shares` can tell "Yes" from "yes".
 ANSWER_WORDS = ("yes", "Yes", "no", "No", "1", "0")
+# Answer word -> the ANSWER_WORDS entries whose probabilities are summed for it.
+WORD_SPELLINGS = {"yes": ("yes", "Yes"), "no": ("no", "No"), "1": ("1",), "0": ("0",)}
+# The answer a prompt's expected answer is weighed against (the answer margin, the patching score).
+OPPOSITE = {"yes": "no", "no": "yes", "1": "0", "0": "1"}
 
 
 @dataclass(frozen=True)
@@ -35,12 +39,16 @@ class BatchVectors:
     vectors[position] has shape (n_layers_kept, batch, hidden) in float32, in the order of
     the `layers` argument of `ModelAdapter.forward`. answer_probs has shape
     (batch, len(ANSWER_WORDS)): softmax next-token probabilities after the prompt; (batch, 0)
-    for the image pass, which stops at the last image token.
+    for the image pass, which stops at the last image token. readout (prompt pass only) has
+    shape (n_layers_kept, batch, len(ANSWER_WORDS)): log-probabilities of the answer words read
+    from each kept layer's last-token state through the model's own final norm and unembedding
+    (stagelens.adapters.readout); None for the image pass.
     """
 
     vectors: dict[str, np.ndarray]
     answer_probs: np.ndarray
     n_image_tokens: np.ndarray  # (batch,) image placeholder tokens per sample
+    readout: np.ndarray | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
 

@@ -37,6 +37,7 @@ from stagelens.adapters.efficientnet_vision import (
     preprocess,
 )
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index
+from stagelens.adapters.readout import READOUT_RULE, AnswerReadout, causal_lm_parts, logit_softcap
 from stagelens.adapters.residual_patch import Continuation
 from stagelens.prompt_layout import PromptLayout, prompt_layout
 from stagelens.prompts import answer_token_ids
@@ -199,6 +200,8 @@ class EmbeddedAdapter(PreparingAdapter):
         answer_ids = answer_token_ids(model.tokenizer)
         self._answer_ids = [answer_ids[word] for word in ANSWER_WORDS]
         self.blocks = find_decoder_layers(model.lm)
+        self.readout = AnswerReadout(*causal_lm_parts(model.lm), self._answer_ids, logit_softcap(model.lm))
+        self.extra_metadata = {"readout_rule": READOUT_RULE}
 
     def render_prompt(self, question: str) -> str:
         return self.model.render_prompt(question)
@@ -227,7 +230,9 @@ class EmbeddedAdapter(PreparingAdapter):
         check_positions(positions, image_only)
         model = self.model
         device = next(model.parameters()).device
-        capture = LayerCapture(self.blocks, layers, positions)
+        # The prompt pass always keeps `last` at every layer: the answer readout reads it.
+        kept = positions if image_only or "last" in positions else [*positions, "last"]
+        capture = LayerCapture(self.blocks, layers, kept)
         input_ids = prepared.input_ids.to(device)
         attention_mask = torch.ones_like(input_ids)
         image_mask = input_ids == model.config.image_token_id
@@ -246,9 +251,10 @@ class EmbeddedAdapter(PreparingAdapter):
         # Same scoring as the HF adapters: a word's probability is the max over its spellings.
         answer_probs = torch.stack([probs[:, ids].max(dim=1).values for ids in self._answer_ids], dim=1)
         return BatchVectors(
-            vectors=capture.vectors(),
+            vectors=capture.vectors(positions),
             answer_probs=answer_probs.numpy().astype(np.float32),
             n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
+            readout=self.readout.log_probs(capture.states("last")).cpu().numpy(),
         )
 
     def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str]) -> "EmbeddedPrefixRun":

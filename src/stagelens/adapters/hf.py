@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stagelens.adapters.architectures import ArchitectureFacts
+from stagelens.adapters.architectures import ArchitectureFacts, module_at
 from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter, check_positions
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
+from stagelens.adapters.readout import READOUT_RULE, AnswerReadout, causal_lm_parts, logit_softcap
 from stagelens.adapters.residual_patch import Continuation
 from stagelens.adapters.qwen_processor import load_processor, torchvision_available
 from stagelens.prompt_layout import PromptLayout, expanded_layout
@@ -82,6 +83,11 @@ class HFAdapter(PreparingAdapter):
         self._prefixes = sorted({p[0] for ps in self.answer_paths.values() for p in ps if len(p) == 2})
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
+        if facts is not None:
+            norm, head = module_at(model, facts.final_norm), module_at(model, facts.unembedding)
+        else:
+            norm, head = causal_lm_parts(model)
+        self.readout = AnswerReadout(norm, head, [self.answer_ids[w] for w in ANSWER_WORDS], logit_softcap(model))
 
     @property
     def extra_metadata(self) -> dict[str, object]:
@@ -95,6 +101,7 @@ class HFAdapter(PreparingAdapter):
             "answer_token_paths": {w: [list(p) for p in ps] for w, ps in self.answer_paths.items()},
             "answer_rule": "max over the token paths starting 'word' and ' word' of the next-token "
             "probability (p(ws) * p(token | ws) for a whitespace-then-token path)",
+            "readout_rule": READOUT_RULE,
             **({"max_pixels": self.processor_kwargs["max_pixels"]} if "max_pixels" in self.processor_kwargs else {}),
         }
 
@@ -234,7 +241,9 @@ class HFAdapter(PreparingAdapter):
             image_mask = inputs["input_ids"] == self.image_token_id
         else:
             image_mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-        capture = LayerCapture(self.blocks, layers, positions)
+        # The prompt pass always keeps `last` at every layer: the answer readout reads it.
+        kept = positions if image_only or "last" in positions else [*positions, "last"]
+        capture = LayerCapture(self.blocks, layers, kept)
         capture.set_batch(last, image_mask, None if image_only else last - prepared.question_last_from_end)
         kwargs = self.model_kwargs(inputs)
         if image_only:
@@ -259,10 +268,12 @@ class HFAdapter(PreparingAdapter):
                     if handle is not None:
                         handle.remove()
             answer = self._answer_probs(out.logits[:, -1, :], kwargs, out.past_key_values, seen.get("positions"))
+            readout = self.readout.log_probs(capture.states("last"))
         return BatchVectors(
-            vectors=capture.vectors(),
+            vectors=capture.vectors(positions),
             answer_probs=answer.cpu().numpy().astype(np.float32),
             n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
+            readout=readout.cpu().numpy(),
         )
 
 

@@ -177,13 +177,16 @@ class LayerCapture:
             for handle in handles:
                 handle.remove()
 
-    def vectors(self) -> dict[str, np.ndarray]:
-        """position -> (n_layers, batch, width) float32, in the order of `layers`."""
-        out = {}
-        for pos, kept in self._kept.items():
-            missing = [self.layers[i] for i, t in enumerate(kept) if t is None]
-            if missing:
-                raise RuntimeError(f"no hidden state captured at layers {missing}: did the forward run?")
-            # One device-to-host copy per position (blocks may sit on several devices).
-            out[pos] = torch.stack([t.to(kept[0].device) for t in kept]).cpu().numpy()
-        return out
+    def states(self, position: str) -> torch.Tensor:
+        """(n_layers, batch, width) float32 on the device of the first kept layer, in the order of `layers`."""
+        kept = self._kept[position]
+        missing = [self.layers[i] for i, t in enumerate(kept) if t is None]
+        if missing:
+            raise RuntimeError(f"no hidden state captured at layers {missing}: did the forward run?")
+        # Blocks may sit on several devices: one stack on the first, then one host copy per position.
+        return torch.stack([t.to(kept[0].device) for t in kept])
+
+    def vectors(self, positions: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """position -> (n_layers, batch, width) float32, in the order of `layers` (all kept
+        positions, or only `positions`)."""
+        return {pos: self.states(pos).cpu().numpy() for pos in (self._kept if positions is None else positions)}
