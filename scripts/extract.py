@@ -21,7 +21,7 @@ print(f"loaded {adapter.info}", file=sys.stderr)
 samples, split, embeddings = read_split(smk.input.manifest, smk.params.split), smk.params.split, list(smk.output.embeddings)
 if hasattr(smk.params, "prompt"):  # extract_<model>; image_pass_<model> has no prompt
     summary = extract(adapter, spec, samples, dict(smk.params.prompt), embeddings, smk.output.answers, split=split,
-                      readout_path=smk.output.readout)
+                      readout_path=smk.output.answer_readout)
 else:
     summary = extract_image(adapter, spec, samples, embeddings, split=split)
 print(f"wrote {summary['rows']} rows x {len(summary['layers'])} layers in {summary['seconds']:.1f} s", file=sys.stderr)

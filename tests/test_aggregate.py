@@ -69,3 +69,54 @@ def test_mismatched_inputs_are_errors():
     with pytest.raises(ValueError, match="no answers for prompts"):
         model_tables(metric_rows(), {k: v for k, v in ANSWERS.items() if k != "ctl_suffix"}, PROMPTS, "anchor",
                      "m", 0.05, 0.05)
+
+
+def readout(seed: int, layers: int = 3) -> pl.DataFrame:
+    """An answer-readout file as extraction writes it: image-major rows, margin by extract.answer_margin."""
+    from stagelens.extract import answer_margin
+
+    probs = np.random.default_rng(seed).dirichlet(np.ones(len(ANSWER_WORDS) + 1), size=len(IDS) * layers)[:, :-1]
+    return pl.DataFrame({"sample_id": [i for i in IDS for _ in range(layers)], "label": [0] * len(IDS) * layers,
+                         "layer": list(range(layers)) * len(IDS),
+                         **{f"p_{w}": probs[:, j] for j, w in enumerate(ANSWER_WORDS)},
+                         "margin": answer_margin(np.log(probs), "yes")})
+
+
+def test_answer_readout_table_per_prompt_and_layer():
+    """Means per layer against an independent numpy reading of the same rows; the margin is
+    signed towards each prompt's expected answer (negation: no over yes)."""
+    from stagelens.extract import answer_margin
+
+    readouts = {p["id"]: readout(i) for i, p in enumerate(PROMPTS)}
+    neg = readouts["neg_plane"]
+    readouts["neg_plane"] = neg.with_columns(
+        pl.Series("margin", answer_margin(np.log(neg.select([f"p_{w}" for w in ANSWER_WORDS]).to_numpy()), "no")))
+    table = model_tables(metric_rows(), ANSWERS, PROMPTS, "anchor", "m", 0.05, 0.05, answer_readouts=readouts)["answer_readout"]
+    assert table.select("prompt", "layer").rows() == [(p["id"], layer) for p in PROMPTS for layer in range(3)]
+    assert table["depth"].to_list() == [layer / 2 for _ in PROMPTS for layer in range(3)]
+    for p in PROMPTS:
+        frame = readouts[p["id"]]
+        for layer in range(3):
+            rows = frame.filter(pl.col("layer") == layer)
+            yes, no = (rows["p_yes"] + rows["p_Yes"]).to_numpy(), (rows["p_no"] + rows["p_No"]).to_numpy()
+            margin = np.log(yes / no) if p["expected"] == "yes" else np.log(no / yes)
+            got = table.filter((pl.col("prompt") == p["id"]) & (pl.col("layer") == layer)).row(0, named=True)
+            assert got["n"] == len(IDS) and got["model"] == "m" and got["expected"] == p["expected"]
+            assert got["mean_p_expected"] == pytest.approx((yes if p["expected"] == "yes" else no).mean())
+            assert got["mean_p_1"] == pytest.approx(rows["p_1"].mean())
+            assert got["mean_margin"] == pytest.approx(margin.mean(), rel=1e-6)
+            assert got["share_expected_ahead"] == pytest.approx((margin > 0).mean())
+    with pytest.raises(ValueError, match="no answer readout for prompts"):
+        model_tables(metric_rows(), ANSWERS, PROMPTS, "anchor", "m", 0.05, 0.05,
+                     answer_readouts={k: v for k, v in readouts.items() if k != "anchor"})
+
+
+def test_answer_leads_from_the_first_layer_of_the_last_positive_run():
+    from stagelens.summary import answer_leads_from
+
+    def leads(margins):
+        return answer_leads_from(pl.DataFrame({"layer": list(range(len(margins)))[::-1], "mean_margin": margins[::-1]}))
+
+    assert leads([-1.0, 0.5, -0.2, 0.1, 0.3]) == 3  # the early positive layer does not count: it is lost again
+    assert leads([0.2, 0.1, 0.4]) == 0
+    assert leads([0.2, 0.1, -0.4]) is None and leads([0.0]) is None

@@ -213,7 +213,7 @@ def test_job_scripts_build_and_extract(tmp_path, image_rows):
     model_cfg = {**CFG, "batch_size": 4, "num_layers": 3, "layers": layers, "positions": ["last"],
                  "vector_dtype": "float32", "trust_remote_code": False, "max_pixels": None}
     run_script("extract.py", input={"manifest": manifest, "model": model_dir},
-               output={"embeddings": emb, "answers": tmp_path / "answers.parquet", "readout": tmp_path / "readout.parquet"},
+               output={"embeddings": emb, "answers": tmp_path / "answers.parquet", "answer_readout": tmp_path / "readout.parquet"},
                log=tmp_path / "extract.log",
                params={"model_name": "tiny-llava", "model": model_cfg, "model_path": str(model_dir),
                        "prompt": PROMPT, "split": "test"})

@@ -245,6 +245,7 @@ def test_run_writes_the_documented_files(finished_run):
         for layer in (0, 1, 2):
             assert (res / "tiny-llava" / "embeddings" / split / prompt / f"layer{layer}.parquet").is_file()
         assert (res / "tiny-llava" / "answers" / split / f"{prompt}.parquet").is_file()
+        assert (res / "tiny-llava" / "answer_readout" / split / f"{prompt}.parquet").is_file()
         assert (workdir / "logs" / "extract_tiny-llava" / split / f"{prompt}.log").is_file()
         assert (workdir / "benchmarks" / "extract_tiny-llava" / split / f"{prompt}.tsv").is_file()
     assert not (res / "tiny-llava" / "embeddings" / "train" / "lex_picture").exists()
@@ -273,6 +274,14 @@ def test_run_writes_the_documented_files(finished_run):
     assert len([r for r in metrics if r["readout"] == "image"]) == 3  # once per layer, not per prompt
     stages = pq.read_table(res / "tiny-llava" / "stages.parquet").to_pylist()
     assert {r["position"] for r in stages} == {"last"}
+    # The answer readout per prompt x layer; at the last layer it is the model's own answer (the
+    # behaviour table reads the answers files, the readout table the readout files).
+    readout = pq.read_table(res / "tiny-llava" / "answer_readout.parquet").to_pylist()
+    assert sorted((r["prompt"], r["layer"]) for r in readout) == [(p, layer) for p in ("anchor", "lex_picture") for layer in (0, 1, 2)]
+    behaviour = {r["prompt"]: r for r in pq.read_table(res / "tiny-llava" / "behaviour.parquet").to_pylist()}
+    for row in (r for r in readout if r["layer"] == 2):
+        assert row["mean_p_yes"] == pytest.approx(behaviour[row["prompt"]]["mean_p_yes"], abs=1e-5)
+        assert row["mean_p_expected"] == pytest.approx(behaviour[row["prompt"]][f"mean_p_{row['expected']}"], abs=1e-5)
     for fmt in ("png", "svg", "vl.json"):
         for figure in ("accuracy", "drop_heatmap", "answers"):
             assert (res / "figures" / "tiny-llava" / f"{figure}.{fmt}").is_file()
@@ -304,7 +313,8 @@ def test_adding_a_variant_costs_only_its_jobs(finished_run):
     workdir, cfg = finished_run
     grown = {**cfg, "prompts": {**cfg["prompts"], "variants": [*cfg["prompts"]["variants"], dict(NEGATION)]}}
     counts = dry_run(workdir, grown, "grown.yaml")
-    assert counts.pop("extract_tiny_llava") == 1  # the new prompt on the test split
+    # the new prompt on the test split (its answers and answer readout with it: no readout of another prompt)
+    assert counts.pop("extract_tiny_llava") == 1
     assert counts.pop("evaluate") == 3  # one per layer, no probe retrained
     # no image pass, image probe or image evaluation: the image tokens do not see the prompt
     assert counts == {"aggregate": 1, "figures": 1, "depth_panel": 1, "all": 1}
@@ -335,7 +345,8 @@ def test_results_loader_gives_the_run_tables(finished_run, tmp_path):
     second = tmp_path / "results"  # a second run folder: the same files, so the stacking is checkable
     shutil.copytree(first, second, ignore=shutil.ignore_patterns("models", "cache"))
     res = load_results(first, second, names=["a", "b"])
-    for name, frame in (("metrics", res.metrics), ("stages", res.stages), ("behaviour", res.behaviour)):
+    for name, frame in (("metrics", res.metrics), ("stages", res.stages), ("behaviour", res.behaviour),
+                        ("answer_readout", res.answer_readout)):
         expected = pl.from_arrow(pq.read_table(first / "tiny-llava" / f"{name}.parquet"))
         assert frame["run"].to_list() == ["a"] * expected.height + ["b"] * expected.height
         for run in ("a", "b"):
@@ -375,6 +386,12 @@ def test_summary_names_the_best_layers_and_answers(finished_run):
     behaviour = pl.read_parquet(workdir / "results" / "tiny-llava" / "behaviour.parquet")
     for row in behaviour.iter_rows(named=True):
         assert f"{row['prompt']:<14} ({row['expected']:>3})  {row['share_yes']:>4.0%}" in text
+    from stagelens.summary import answer_leads_from
+
+    readout = pl.read_parquet(workdir / "results" / "tiny-llava" / "answer_readout.parquet")
+    onsets = [answer_leads_from(readout.filter(pl.col("prompt") == p)) for p in ("anchor", "lex_picture")]
+    assert "expected answer leads the readout from layer: " + ", ".join(
+        f"{p} {'-' if o is None else o}/2" for p, o in zip(("anchor", "lex_picture"), onsets)) in text
     assert "stages (last):" in text and text.endswith("Report: report.html")
 
 

@@ -1,4 +1,5 @@
-"""Per-model tables: tidy metrics, the model's own answers per prompt, and the detected stages."""
+"""Per-model tables: tidy metrics, the model's own answers per prompt, the detected stages, and the
+answer readout per prompt x layer."""
 
 from __future__ import annotations
 
@@ -111,6 +112,38 @@ def behaviour_row(
     return row
 
 
+def answer_readout_table(readout: pl.DataFrame, prompt: Mapping[str, str], num_layers: int) -> pl.DataFrame:
+    """One prompt's answer readout (extraction's per image x layer file) summarised per layer.
+
+    mean_p_<answer>: mean readout probability of each answer, case variants summed; mean_p_expected:
+    that of the prompt's expected answer; mean_margin: mean log P(expected) - log P(opposite);
+    share_expected_ahead: share of images whose margin is > 0 (the expected answer outweighs its
+    opposite at that layer).
+    """
+    missing = [c for c in ("sample_id", "layer", "margin", *(f"p_{w}" for w in ANSWER_WORDS)) if c not in readout.columns]
+    if missing:
+        raise ValueError(f"answer readout of prompt {prompt['id']!r} lacks columns {missing}")
+    expected = prompt["expected"].lower()
+    classes = [pl.sum_horizontal(columns).alias(f"p_{c}") for c, columns in _PROBABILITY_COLUMNS.items()]
+    return (
+        readout.select("layer", "margin", *classes)
+        .group_by("layer")
+        .agg(
+            pl.len().alias("n"),
+            *(pl.col(f"p_{c}").mean().alias(f"mean_p_{c}") for c in ANSWER_CLASSES),
+            pl.col(f"p_{expected}").mean().alias("mean_p_expected"),
+            pl.col("margin").mean().alias("mean_margin"),
+            (pl.col("margin") > 0).mean().alias("share_expected_ahead"),
+        )
+        .with_columns(
+            pl.lit(prompt["id"]).alias("prompt"), pl.lit(prompt["family"]).alias("family"),
+            pl.lit(prompt["expected"]).alias("expected"), (pl.col("layer") / num_layers).alias("depth"),
+        )
+        .select("prompt", "family", "expected", "layer", "depth", pl.exclude("prompt", "family", "expected", "layer", "depth"))
+        .sort("layer")
+    )
+
+
 def stages_table(metrics: pl.DataFrame, num_layers: int, min_drop: float, alpha: float) -> pl.DataFrame:
     """Detected stages for every prompt-dependent token position of one model's metrics table
     (the image pass's rows have no drop: no prompt can move them)."""
@@ -140,12 +173,14 @@ def model_tables(
     min_drop: float,
     alpha: float,
     fits: pl.DataFrame | None = None,
+    answer_readouts: Mapping[str, pl.DataFrame] | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """The aggregate job: one model's metrics, behaviour and stages tables.
+    """The aggregate job: one model's metrics, behaviour and stages tables (and answer readout).
 
     metric_rows: the evaluate jobs' tables; answers: each prompt's test-split answers by prompt
     id; prompts: the row order of the behaviour table; the anchor is found by its id; fits
-    (`fit_table`): the probes' convergence, joined onto the metrics rows.
+    (`fit_table`): the probes' convergence, joined onto the metrics rows; answer_readouts: each
+    prompt's test-split answer readout by prompt id (`answer_readout_table` per prompt).
     """
     rows = list(metric_rows)
     found = {int(n) for frame in rows for n in frame["num_layers"].unique()}
@@ -160,11 +195,18 @@ def model_tables(
         raise ValueError(f"no answers for prompts {missing or [anchor_id]} of model {model_name!r}")
     behaviour = pl.DataFrame([behaviour_row(answers[p["id"]], p, answers[anchor_id]) for p in prompts])
     behaviour = behaviour.with_columns(pl.lit(model_name).alias("model")).select("model", pl.exclude("model"))
-    return {
+    tables = {
         "metrics": metrics,
         "behaviour": behaviour,
         "stages": stages_table(metrics, num_layers, float(min_drop), float(alpha)),
     }
+    if answer_readouts is not None:
+        missing = sorted({p["id"] for p in prompts} - set(answer_readouts))
+        if missing:
+            raise ValueError(f"no answer readout for prompts {missing} of model {model_name!r}")
+        readout = pl.concat([answer_readout_table(answer_readouts[p["id"]], p, num_layers) for p in prompts])
+        tables["answer_readout"] = readout.with_columns(pl.lit(model_name).alias("model")).select("model", pl.exclude("model"))
+    return tables
 
 
 def write_table(table: pl.DataFrame, path: str | os.PathLike) -> None:

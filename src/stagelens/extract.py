@@ -47,7 +47,7 @@ from stagelens.finite import check_finite
 from stagelens.prompt_layout import IMAGE_PASS_QUESTION, shared_image_prefix_problem
 from stagelens.images import ImageDecodeError, open_rgb
 from stagelens.spec import ModelSpec, vector_dtype_problem
-from stagelens.store import METADATA_KEY, EmbeddingWriter, ParquetStreamWriter, answers_schema, readout_schema
+from stagelens.store import METADATA_KEY, EmbeddingWriter, ParquetStreamWriter, answer_readout_schema, answers_schema
 
 MARGIN_RULE = ("log P(expected) - log P(opposite) (yes/no, 1/0), each the sum of its spellings' probabilities "
                "(case variants), from the layer's readout")
@@ -333,7 +333,7 @@ def _write_pass(
         readout = None
         if readout_path is not None:
             readout_meta = {**meta, "readout_layers": layers, "margin_rule": MARGIN_RULE}
-            readout = ParquetStreamWriter(readout_path, readout_schema(ANSWER_WORDS, readout_meta))
+            readout = ParquetStreamWriter(readout_path, answer_readout_schema(ANSWER_WORDS, readout_meta))
             writers.append(readout)
         with tqdm(total=len(samples), unit="img", file=sys.stderr, disable=not progress, desc=desc) as bar:
             for batch, out in _run_batches(adapter, samples, batch_size, question, layers, positions):

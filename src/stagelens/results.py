@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 METADATA_KEY = b"stagelens"
-MODEL_TABLES = ("metrics", "stages", "behaviour", "readout")
+MODEL_TABLES = ("metrics", "stages", "behaviour", "answer_readout")
 # What a run's embedding/answers metadata says about how it was made, in the order a reader wants it.
 PROVENANCE_KEYS = (
     "model_id", "revision", "architecture", "dtype", "device", "num_layers", "hidden_size",
@@ -106,6 +106,11 @@ class Results:
     def behaviour(self) -> pl.DataFrame:
         """The model's own answer shares per run x model x prompt."""
         return self.table("behaviour")
+
+    @property
+    def answer_readout(self) -> pl.DataFrame:
+        """The answer readout (logit lens) per run x model x prompt x layer: mean p per answer, margin."""
+        return self.table("answer_readout")
 
     @property
     def provenance(self) -> pl.DataFrame:

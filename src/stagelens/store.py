@@ -53,7 +53,7 @@ def answers_schema(words: Sequence[str], metadata: Mapping[str, object]) -> pa.S
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)})
 
 
-def readout_schema(words: Sequence[str], metadata: Mapping[str, object]) -> pa.Schema:
+def answer_readout_schema(words: Sequence[str], metadata: Mapping[str, object]) -> pa.Schema:
     """Schema of one answer-readout file: per image x layer, p_<word> per answer word and the margin."""
     fields = [pa.field("sample_id", pa.string()), pa.field("label", pa.int32()), pa.field("layer", pa.int32())]
     fields += [pa.field(f"p_{w}", pa.float32()) for w in words]

@@ -1,6 +1,7 @@
 """A one-screen text summary of a finished run, printed at the end of `make run`:
 per model, the best anchor-probe layer per token position, the detected stages, the model's own
-answer shares per prompt, and where the report and figures are.
+answer shares per prompt, the layer from which the answer readout favours each prompt's expected
+answer, and where the report and figures are.
 
     python -m stagelens.summary results [results/report.html]
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from stagelens.positions import IMAGE_PASS
-from stagelens.results import Results, load_results
+from stagelens.results import Results, ResultsError, load_results
 
 
 def best_layers(metrics: pl.DataFrame) -> pl.DataFrame:
@@ -35,9 +36,34 @@ def _stage_text(stages: pl.DataFrame) -> str:
     return ", ".join(f"{r['stage'].replace('_', ' ')} {r['start_layer']}-{r['end_layer']}" for r in found.iter_rows(named=True))
 
 
+def answer_leads_from(readout: pl.DataFrame) -> int | None:
+    """First layer of one prompt's answer readout from which the expected answer leads its opposite
+    on average (mean margin > 0) at every later layer; None where it does not lead at the last layer."""
+    margins = readout.sort("layer").select("layer", "mean_margin").rows()
+    onset = None
+    for layer, margin in margins:
+        if margin is not None and margin > 0:
+            onset = layer if onset is None else onset
+        else:
+            onset = None
+    return onset
+
+
+def _readout_text(readout: pl.DataFrame, num_layers: int) -> str:
+    parts = []
+    for (prompt,), part in readout.group_by("prompt", maintain_order=True):
+        onset = answer_leads_from(part)
+        parts.append(f"{prompt} {'-' if onset is None else onset}/{num_layers}")
+    return ", ".join(parts)
+
+
 def summary_text(res: Results, report: str | None = None) -> str:
     """The summary of every model of the runs (one block per model)."""
     metrics, stages, behaviour = res.metrics, res.stages, res.behaviour
+    try:
+        answer_readout = res.answer_readout
+    except ResultsError:  # runs made before the answer readout existed
+        answer_readout = None
     best = best_layers(metrics)
     lines: list[str] = []
     for model in best["model"].unique(maintain_order=True).to_list():
@@ -54,8 +80,12 @@ def summary_text(res: Results, report: str | None = None) -> str:
         for row in behaviour.filter(pl.col("model") == model).iter_rows(named=True):
             shares = "  ".join(f"{row[f'share_{w}']:>4.0%}" for w in ("yes", "no", "1", "0"))
             lines.append(f"     {row['prompt']:<14} ({row['expected']:>3})  {shares}   {row['agreement']:>4.0%}")
+        readout = answer_readout.filter(pl.col("model") == model) if answer_readout is not None else None
+        if readout is not None and not readout.is_empty():
+            num_layers = int(metrics.filter(pl.col("model") == model)["num_layers"].max())
+            lines.append(f"   expected answer leads the readout from layer: {_readout_text(readout, num_layers)}")
     roots = sorted({str(p) for p in res.runs.values()})
-    lines.append(f"Tables: {', '.join(f'{r}/<model>/{{metrics,stages,behaviour}}.parquet' for r in roots)}")
+    lines.append(f"Tables: {', '.join(f'{r}/<model>/{{metrics,stages,behaviour,answer_readout}}.parquet' for r in roots)}")
     lines.append(f"Figures: {', '.join(f'{r}/figures/' for r in roots)}")
     if report:
         lines.append(f"Report: {report}")

@@ -90,9 +90,9 @@ def answers_path(model, split, prompt):
     return f"{RESULTS}/{model}/answers/{split}/{prompt}.parquet"
 
 
-def readout_path(model, split, prompt):
+def answer_readout_path(model, split, prompt):
     """The answer readout per image x layer of one prompt (written by its extraction job)."""
-    return f"{RESULTS}/{model}/readout/{split}/{prompt}.parquet"
+    return f"{RESULTS}/{model}/answer_readout/{split}/{prompt}.parquet"
 
 
 def probe_path(model, layer, ext="safetensors"):
@@ -120,7 +120,7 @@ def image_metrics_path(model, layer):
 
 
 def aggregate_path(model, table):
-    """table: metrics | stages | behaviour | readout | patching | causal_onsets."""
+    """table: metrics | stages | behaviour | answer_readout | patching | causal_onsets."""
     return f"{RESULTS}/{model}/{table}.parquet"
 
 
@@ -235,7 +235,7 @@ def extraction_targets():
     for model in MODELS:
         for split, prompt in extraction_jobs():
             targets += [embedding_path(model, split, prompt, layer) for layer in layers_of(model)]
-            targets += [answers_path(model, split, prompt), readout_path(model, split, prompt)]
+            targets += [answers_path(model, split, prompt), answer_readout_path(model, split, prompt)]
         if has_image_pass(model):
             targets += [image_embedding_path(model, split, layer) for split in ("train", "test") for layer in layers_of(model)]
     return targets
@@ -260,7 +260,7 @@ def metrics_inputs(model):
 def analysis_targets():
     targets = []
     for model in MODELS:
-        targets += [aggregate_path(model, table) for table in ("metrics", "stages", "behaviour", "readout")]
+        targets += [aggregate_path(model, table) for table in ("metrics", "stages", "behaviour", "answer_readout")]
         targets += [
             model_figure_path(model, figure, fmt) for figure in MODEL_FIGURES for fmt in FIGURE_FORMATS
         ]

@@ -15,7 +15,7 @@ for _model in MODELS:
         output:
             embeddings=[embedding_path(_model, "{split}", "{prompt}", layer) for layer in layers_of(_model)],
             answers=answers_path(_model, "{split}", "{prompt}"),
-            readout=readout_path(_model, "{split}", "{prompt}"),
+            answer_readout=answer_readout_path(_model, "{split}", "{prompt}"),
         params:
             model_name=_model,
             model=MODELS[_model],

@@ -2,10 +2,12 @@
 
 
 rule aggregate:
-    """Tidy metrics, the model's own answers per prompt, and the detected stages of one model."""
+    """Tidy metrics, the model's own answers per prompt, the detected stages and the answer readout
+    per prompt x layer of one model."""
     input:
         metrics=lambda wildcards: metrics_inputs(wildcards.model),
         answers=lambda wildcards: [answers_path(wildcards.model, "test", prompt) for prompt in PROMPTS],
+        answer_readout=lambda wildcards: [answer_readout_path(wildcards.model, "test", prompt) for prompt in PROMPTS],
         # The probes' fit records: whether each fit converged goes into the metrics table.
         probe_fits=lambda wildcards: probe_fit_inputs(wildcards.model, probe_path, image_probe_path),
         control_fits=lambda wildcards: probe_fit_inputs(wildcards.model, control_probe_path, image_control_probe_path),
@@ -13,6 +15,7 @@ rule aggregate:
         metrics=aggregate_path("{model}", "metrics"),
         stages=aggregate_path("{model}", "stages"),
         behaviour=aggregate_path("{model}", "behaviour"),
+        answer_readout=aggregate_path("{model}", "answer_readout"),
     params:
         model_name=lambda wildcards: wildcards.model,
         prompts=list(PROMPTS.values()),
