@@ -29,7 +29,8 @@ ANSWER_WORDS = ("yes", "Yes", "no", "No", "1", "0")
 
 
 def _write_inputs(root: Path, images: Path) -> None:
-    """Manifest stand-in, then embeddings and answers (newer than the manifest, as extraction leaves them)."""
+    """Manifest stand-in, then embeddings, answers and answer readouts (newer than the manifest, as
+    extraction leaves them)."""
     rng = np.random.default_rng(0)
     (root / "data").mkdir(parents=True)
     (root / "data" / "manifest.parquet").write_bytes(b"")
@@ -54,6 +55,15 @@ def _write_inputs(root: Path, images: Path) -> None:
             path = root / "synth" / "answers" / split / f"{prompt['id']}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             answers.write_parquet(path)
+            layers = NUM_LAYERS + 1
+            lens = rng.dirichlet(np.ones(len(ANSWER_WORDS) + 1), size=len(labels) * layers)[:, :-1].astype(np.float32)
+            readout = pl.DataFrame({"sample_id": np.repeat(ids, layers), "label": np.repeat(labels, layers),
+                                    "layer": np.tile(np.arange(layers, dtype=np.int32), len(labels)),
+                                    **{f"p_{w}": lens[:, i] for i, w in enumerate(ANSWER_WORDS)},
+                                    "margin": np.log((lens[:, 0] + lens[:, 1]) / (lens[:, 2] + lens[:, 3]))})
+            path = root / "synth" / "answer_readout" / split / f"{prompt['id']}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readout.write_parquet(path)
 
 
 def _snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
@@ -81,7 +91,7 @@ def test_analysis_rules_run_and_build_the_report(tmp_path):
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config, sort_keys=False))
     _write_inputs(results, images)
-    targets = [f"results/synth/{t}.parquet" for t in ("metrics", "stages", "behaviour")] + [
+    targets = [f"results/synth/{t}.parquet" for t in ("metrics", "stages", "behaviour", "answer_readout")] + [
         f"results/figures/synth/{f}.{x}" for f in ("accuracy", "drop_heatmap", "answers") for x in ("png", "svg", "vl.json")
     ] + [f"results/figures/depth_panel.{x}" for x in ("png", "svg", "vl.json")]
     dry = _snakemake(tmp_path / "work", configfile, *targets, "--dry-run", "--quiet", "rules")
@@ -104,6 +114,8 @@ def test_analysis_rules_run_and_build_the_report(tmp_path):
         "visual_grounding": (0, NUM_LAYERS - 1), "semantic_reasoning": (NUM_LAYERS, NUM_LAYERS)}
     behaviour = pl.read_parquet(results / "synth" / "behaviour.parquet")
     assert behaviour["prompt"].to_list() == [p["id"] for p in PROMPTS]
+    readout = pl.read_parquet(results / "synth" / "answer_readout.parquet")
+    assert readout.select("prompt", "layer").rows() == [(p["id"], layer) for p in PROMPTS for layer in range(NUM_LAYERS + 1)]
     assert (tmp_path / "work" / "logs" / "evaluate" / "synth" / "neg_plane" / "layer2.log").exists()
     assert (tmp_path / "work" / "benchmarks" / "train_probe" / "synth" / "layer0.tsv").exists()
 
