@@ -22,6 +22,10 @@ READOUT_RULE = (
 )
 
 
+# At most this many logits (float32) are held at once: 256 MB.
+LOGIT_ELEMENTS = 1 << 26
+
+
 class AnswerReadout:
     """Answer-word log-probabilities of residual states through the model's final norm and unembedding."""
 
@@ -40,20 +44,25 @@ class AnswerReadout:
 
     @torch.no_grad()
     def log_probs(self, states: torch.Tensor) -> torch.Tensor:
-        """(layers, batch, hidden) states -> (layers, batch, words) float32 log-probabilities.
+        """(..., hidden) states -> (..., words) float32 log-probabilities.
 
-        One layer at a time, so only (batch, vocabulary) logits are held at once. States are cast to
-        the model's dtype first (the captured float32 copies of its own activations are exact).
+        Every layer's rows go through the unembedding together (one weight read per chunk, not per
+        layer: with a batch of a few images the product is bound by reading the weight), in chunks
+        of at most LOGIT_ELEMENTS logits. States are cast to the model's dtype first (the captured
+        float32 copies of its own activations are exact).
         """
+        rows = states.reshape(-1, states.shape[-1])
+        vocab = self.unembedding.weight.shape[0] if hasattr(self.unembedding, "weight") else None
+        chunk = max(1, LOGIT_ELEMENTS // vocab) if vocab else rows.shape[0]
         out = []
-        for layer_states in states:
-            normed = self.final_norm(layer_states.to(self._norm_device, self._dtype))
+        for start in range(0, rows.shape[0], chunk):
+            normed = self.final_norm(rows[start : start + chunk].to(self._norm_device, self._dtype))
             logits = self.unembedding(normed.to(self._device)).float()
             if self.softcap is not None:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             log_probs = logits.log_softmax(dim=-1)
             out.append(torch.stack([log_probs[:, ids].max(dim=1).values for ids in self.word_ids], dim=1))
-        return torch.stack(out)
+        return torch.cat(out).reshape(*states.shape[:-1], len(self.word_ids))
 
 
 def logit_softcap(model: nn.Module) -> float | None:
