@@ -12,7 +12,8 @@ through stagelens' hooks:
 - parts:        the table's vision tower runs in the forward, its final norm maps layer L onto
                 hidden_states[-1] and its unembedding maps that onto the logits
 - batch:        a batch of 4 mixed-size images (left padding) equals 4 single forwards
-- answers:      answer-word probabilities equal the softmax of the reference logits
+- answers:      answer-word probabilities equal the softmax of the reference logits, and so does
+                the answer readout at layer L (the table's final norm and unembedding)
 
 `python -m stagelens.coverage` runs every family and writes docs/coverage.json and the support
 table between the markers in README.md; tests hold both to a fresh run.
@@ -217,6 +218,8 @@ def _check_loaded(adapter, results: dict[str, str]) -> None:
             if not spelled <= {word, word[:1]}:
                 raise AssertionError(f"answer {word!r} scored on tokens {sorted(spelled)}")
             _close(got.answer_probs[:, j], probs[:, ids].max(axis=1), f"probability of {word!r}")
+            if all(len(path) == 1 for path in adapter.answer_paths[word]):  # a two-token path has no layer readout
+                _close(np.exp(got.readout[-1][:, j]), probs[:, ids].max(axis=1), f"answer readout of {word!r} at layer L")
 
     column("image_tokens", image_tokens)
     column("last", last)
