@@ -92,7 +92,7 @@ def test_analysis_rules_run_and_build_the_report(tmp_path):
     configfile.write_text(yaml.safe_dump(config, sort_keys=False))
     _write_inputs(results, images)
     targets = [f"results/synth/{t}.parquet" for t in ("metrics", "stages", "behaviour", "answer_readout")] + [
-        f"results/figures/synth/{f}.{x}" for f in ("accuracy", "drop_heatmap", "answers") for x in ("png", "svg", "vl.json")
+        f"results/figures/synth/{f}.{x}" for f in ("accuracy", "drop_heatmap", "answers", "answer_readout") for x in ("png", "svg", "vl.json")
     ] + [f"results/figures/depth_panel.{x}" for x in ("png", "svg", "vl.json")]
     dry = _snakemake(tmp_path / "work", configfile, *targets, "--dry-run", "--quiet", "rules")
     scheduled = set(re.findall(r"^(\w+)\s+\d+$", dry.stdout, flags=re.M)) - {"total"}

@@ -9,7 +9,9 @@ import pytest
 
 from stagelens.aggregate import stages_table
 from stagelens.figures import (
+    P_FLOOR,
     accuracy_chart,
+    answer_readout_chart,
     answers_chart,
     depth_panel,
     depth_panel_chart,
@@ -52,6 +54,20 @@ def _behaviour() -> pl.DataFrame:
          "share_yes": 0.7, "share_no": 0.2, "share_1": 0.05, "share_0": 0.0, "agreement": 0.7}
         for p, f in PROMPTS.items()
     ])
+
+
+def _answer_readout(num_layers: int = 4) -> pl.DataFrame:
+    """The aggregate's answer_readout table: p(yes) rises with depth, p(1) = 0.5 everywhere, p(no) underflows at layer 0."""
+    rows = []
+    for p, f in PROMPTS.items():
+        expected = {"negation": "no", "format": "1"}.get(f, "yes")
+        for layer in range(num_layers + 1):
+            yes = 0.1 * layer
+            rows.append({"model": "m", "prompt": p, "family": f, "expected": expected, "layer": layer,
+                         "depth": layer / num_layers, "n": 10, "mean_p_yes": yes, "mean_p_no": 0.0 if layer == 0 else 0.05,
+                         "mean_p_1": 0.5, "mean_p_0": 0.25, "mean_p_expected": yes, "mean_margin": layer - 2.0,
+                         "share_expected_ahead": 0.5})
+    return pl.DataFrame(rows)
 
 
 def _spec_layers(spec: dict) -> list[dict]:
@@ -122,6 +138,27 @@ def test_answers_chart_stacks_answer_shares(tmp_path):
     assert other == pytest.approx([0.05] * len(PROMPTS))
 
 
+def test_answer_readout_chart_draws_each_prompts_answer_pair_and_margin(tmp_path):
+    spec = _save_and_load(answer_readout_chart(_answer_readout(), "m: readout"), tmp_path, "answer_readout")
+    assert len(spec["hconcat"]) == 2
+    units = [_fields(u) | {"mark": _mark(u)} for u in _spec_layers(spec)]
+    assert {"mark": "line", "x": "layer", "y": "p", "color": "series", "strokeDash": "role", "detail": "answer"}.items() \
+        <= next(u for u in units if u.get("y") == "p").items()
+    assert any(u["mark"] == "line" and u["y"] == "mean_margin" for u in units)
+    assert any(u["mark"] == "rule" and u["y"] == "y" for u in units)  # the zero line
+    probability = next(u for u in _spec_layers(spec) if _fields(u).get("y") == "p")
+    assert probability["encoding"]["y"]["scale"]["type"] == "log"
+    rows = next(d for d in spec["datasets"].values() if "role" in d[0])
+    # Only the anchor, negation and format prompts; the format prompt's pair is 1 / 0.
+    assert {r["series"] for r in rows} == {"anchor (anchor)", "neg_plane (negation)", "fmt_10 (format)"}
+    by = {(r["series"], r["layer"], r["answer"]): r["p"] for r in rows}
+    assert by[("fmt_10 (format)", 3, "1")] == 0.5 and by[("fmt_10 (format)", 3, "0")] == 0.25
+    assert by[("neg_plane (negation)", 3, "yes")] == pytest.approx(0.3) and by[("neg_plane (negation)", 3, "no")] == 0.05
+    assert by[("anchor (anchor)", 0, "no")] == P_FLOOR  # an underflowed probability sits on the log scale's floor
+    with pytest.raises(ValueError, match="no anchor, negation, format prompt"):
+        answer_readout_chart(_answer_readout().filter(pl.col("family") == "control"), "m")
+
+
 def test_depth_panel_has_one_row_per_model_with_stage_bands(tmp_path):
     metrics = pl.concat([_metrics("a", 4), _metrics("b", 8)])
     stages = pl.concat([stages_table(_metrics("a", 4), 4, 0.05, 0.05), stages_table(_metrics("b", 8), 8, 0.05, 0.05)])
@@ -137,8 +174,8 @@ def test_depth_panel_has_one_row_per_model_with_stage_bands(tmp_path):
 
 
 def test_job_functions_name_their_charts():
-    charts = model_charts(_metrics("m", 4), _behaviour(), "m", 0.05, 0.05)
-    assert list(charts) == ["accuracy", "drop_heatmap", "answers"]
+    charts = model_charts(_metrics("m", 4), _behaviour(), "m", 0.05, 0.05, _answer_readout())
+    assert list(charts) == ["accuracy", "drop_heatmap", "answers", "answer_readout"]
     assert "m @ main:" in json.dumps(charts["accuracy"].to_dict()["title"])
     metrics = [_metrics("a", 4), _metrics("b", 8).filter(pl.col("position") != "last")]
     stages = [stages_table(m, n, 0.05, 0.05) for m, n in zip(metrics, (4, 8))]

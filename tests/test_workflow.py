@@ -283,7 +283,7 @@ def test_run_writes_the_documented_files(finished_run):
         assert row["mean_p_yes"] == pytest.approx(behaviour[row["prompt"]]["mean_p_yes"], abs=1e-5)
         assert row["mean_p_expected"] == pytest.approx(behaviour[row["prompt"]][f"mean_p_{row['expected']}"], abs=1e-5)
     for fmt in ("png", "svg", "vl.json"):
-        for figure in ("accuracy", "drop_heatmap", "answers"):
+        for figure in ("accuracy", "drop_heatmap", "answers", "answer_readout"):
             assert (res / "figures" / "tiny-llava" / f"{figure}.{fmt}").is_file()
         assert (res / "figures" / f"depth_panel.{fmt}").is_file()
 

@@ -223,6 +223,65 @@ def answers_chart(behaviour: pl.DataFrame, title: str) -> alt.Chart:
         title, subtitle="the model's own next-token answer per test image (case-folded)"))
 
 
+# The prompts whose answer readout is drawn: where the class is asked, negated and reformatted.
+READOUT_FAMILIES = ("anchor", "negation", "format")
+# Readout probabilities are drawn on a log scale; smaller ones (float32 underflow) sit on this floor.
+P_FLOOR = 1e-12
+
+
+def answer_readout_chart(readout: pl.DataFrame, title: str) -> alt.HConcatChart:
+    """The answer readout per layer for the anchor, negation and format prompts: the mean readout
+    probability of each prompt's answer pair (yes / no, or 1 / 0 where it expects a digit) on a
+    log scale, and the mean margin towards its expected answer (> 0: the layer favours it)."""
+    data = _series(readout.filter(pl.col("family").is_in(READOUT_FAMILIES)))
+    if data.is_empty():
+        raise ValueError(f"no {', '.join(READOUT_FAMILIES)} prompt in the answer readout table")
+    digits = pl.col("expected").is_in(["1", "0"])
+    pairs = [
+        data.with_columns(
+            pl.when(digits).then(pl.lit(positive)).otherwise(pl.lit(word)).alias("answer"),
+            pl.when(digits).then(pl.col(f"mean_p_{positive}")).otherwise(pl.col(f"mean_p_{word}")).alias("p"),
+            pl.lit(role).alias("role"),
+        )
+        for word, positive, role in (("yes", "1", "yes / 1"), ("no", "0", "no / 0"))
+    ]
+    long = pl.concat(pairs).with_columns(pl.col("p").clip(lower_bound=P_FLOOR)).select(
+        "series", "family_rank", "family", "layer", "answer", "role", "p")
+    color = alt.Color("series:N", title="prompt (family)", scale=_series_colors(data), sort=_series_order(data),
+                      legend=alt.Legend(symbolType="stroke", symbolOpacity=1, symbolStrokeWidth=3))
+    x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d"))
+    width = alt.condition(alt.datum.family == "anchor", alt.value(3), alt.value(2))
+    probability = alt.Chart(long).mark_line(point=alt.OverlayMarkDef(size=14)).encode(
+        x=x,
+        y=alt.Y("p:Q", title="mean readout probability", scale=alt.Scale(type="log")),
+        color=color,
+        # The subtitle says which dash is which (a dash legend renders without its strokes here).
+        strokeDash=alt.StrokeDash("role:N", scale=alt.Scale(domain=["yes / 1", "no / 0"], range=[[1, 0], [5, 3]]),
+                                  legend=None),
+        strokeWidth=width,
+        detail="answer:N",
+        tooltip=["series", "layer", "answer", alt.Tooltip("p:Q", format=".3g")],
+    )
+    margin_data = data.select("series", "family_rank", "family", "layer", "expected", "mean_margin", "share_expected_ahead")
+    margin = alt.Chart(margin_data).mark_line(point=alt.OverlayMarkDef(size=14)).encode(
+        x=x,
+        y=alt.Y("mean_margin:Q", title="mean margin: log P(expected) − log P(opposite)"),
+        color=color,
+        strokeWidth=width,
+        tooltip=["series", "layer", "expected", alt.Tooltip("mean_margin:Q", format=".2f"),
+                 alt.Tooltip("share_expected_ahead:Q", format=".0%", title="images favouring the expected answer")],
+    )
+    zero = alt.Chart(pl.DataFrame({"y": [0.0]})).mark_rule(color="#7f7f7f", strokeDash=[1, 3]).encode(y="y:Q")
+    subtitle = ["the model's own final norm and unembedding applied to each layer's last-token state (test images); "
+                "the last layer is the model's own answer",
+                "left: solid yes (1 for format prompts), dashed no (0), log scale; right: > 0 where the layer "
+                "favours the prompt's expected answer (negation expects no, format 1)"]
+    return alt.hconcat(
+        probability.properties(width=320, height=240),
+        alt.layer(margin, zero).properties(width=320, height=240),
+    ).resolve_scale(color="shared").properties(title=alt.Title(title, subtitle=subtitle))
+
+
 def patching_chart(curves: pl.DataFrame, onsets: pl.DataFrame, title: str) -> alt.Chart:
     """Restored fraction of the anchor-variant answer gap by patched layer, per variant (colour),
     one panel per direction (columns) and patched position (rows); CI bands; the onset threshold
@@ -338,14 +397,19 @@ def depth_panel(metrics: pl.DataFrame, stages: pl.DataFrame, position: str,
     )
 
 
-def model_charts(metrics: pl.DataFrame, behaviour: pl.DataFrame, model: str, alpha: float, min_drop: float) -> dict[str, alt.TopLevelMixin]:
-    """The figures job: one model's charts by figure name (accuracy, drop_heatmap, answers)."""
+def model_charts(metrics: pl.DataFrame, behaviour: pl.DataFrame, model: str, alpha: float, min_drop: float,
+                 answer_readout: pl.DataFrame | None = None) -> dict[str, alt.TopLevelMixin]:
+    """The figures job: one model's charts by figure name (accuracy, drop_heatmap, answers, and
+    answer_readout where its table is given)."""
     revision = metrics["revision"][0]
-    return {
+    charts = {
         "accuracy": accuracy_chart(metrics, f"{model} @ {revision}: class-probe accuracy by layer"),
         "drop_heatmap": drop_heatmap(metrics, f"{model} @ {revision}: accuracy drop against the anchor", alpha, min_drop),
         "answers": answers_chart(behaviour, f"{model} @ {revision}: the model's own answers"),
     }
+    if answer_readout is not None:
+        charts["answer_readout"] = answer_readout_chart(answer_readout, f"{model} @ {revision}: the answer readout by layer")
+    return charts
 
 
 def depth_panel_chart(

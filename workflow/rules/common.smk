@@ -50,7 +50,7 @@ PATCHED = [variant["id"] for variant in patched_variants(config)]  # empty unles
 IMAGE_READOUT = {"id": IMAGE_PASS, "family": IMAGE_PASS, "expected": None}
 # stagelens.figures.FORMATS (not imported: altair would cost seconds per parse; a test holds them equal)
 FIGURE_FORMATS = ("png", "svg", "vl.json")
-MODEL_FIGURES = ("accuracy", "drop_heatmap", "answers")
+MODEL_FIGURES = ("accuracy", "drop_heatmap", "answers", "answer_readout")
 
 
 def alternation(names):

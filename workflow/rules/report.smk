@@ -34,10 +34,12 @@ rule aggregate:
 
 
 rule figures:
-    """Accuracy by layer, drop heatmap and answer shares of one model (PNG, SVG, Vega-Lite)."""
+    """Accuracy by layer, drop heatmap, answer shares and the answer readout by layer of one model
+    (PNG, SVG, Vega-Lite)."""
     input:
         metrics=aggregate_path("{model}", "metrics"),
         behaviour=aggregate_path("{model}", "behaviour"),
+        answer_readout=aggregate_path("{model}", "answer_readout"),
     output:
         accuracy=report(
             model_figure_path("{model}", "accuracy", "svg"),
@@ -66,6 +68,15 @@ rule figures:
         ),
         answers_png=model_figure_path("{model}", "answers", "png"),
         answers_json=model_figure_path("{model}", "answers", "vl.json"),
+        answer_readout=report(
+            model_figure_path("{model}", "answer_readout", "svg"),
+            caption="../report/answer_readout.rst",
+            category="Per model",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "the answer readout by layer"},
+        ),
+        answer_readout_png=model_figure_path("{model}", "answer_readout", "png"),
+        answer_readout_json=model_figure_path("{model}", "answer_readout", "vl.json"),
     params:
         model=lambda wildcards: MODELS[wildcards.model],
         probe=config["probe"],
