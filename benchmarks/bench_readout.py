@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import yaml
@@ -31,17 +30,15 @@ IMAGE_PASSES = 2600  # extraction image passes of the embedded default (README, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    for flag, default in (("--images", 8), ("--repeats", 3), ("--threads", 2)):
+        parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--model", default=None, help="a built embedded checkpoint (default: assembled here)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    anchor = cfg["prompts"]["anchor"]["text"]
-    paths = sorted((REPO / "resources" / "fashion_mnist").glob("*/*.png"))[:: 97][: args.images]
-    images = [Image.open(p).convert("RGB") for p in paths]
+    anchor = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["prompts"]["anchor"]["text"]
+    images = [Image.open(p).convert("RGB") for p in sorted((REPO / "resources" / "fashion_mnist").glob("*/*.png"))[::97]]
+    images = images[: args.images]
     adapter = embedded_adapter(args.model)
     layers = list(range(adapter.info.num_layers + 1))
     vocab, hidden = adapter.readout.unembedding.weight.shape

@@ -346,7 +346,7 @@ def test_results_loader_gives_the_run_tables(finished_run, tmp_path):
     shutil.copytree(first, second, ignore=shutil.ignore_patterns("models", "cache"))
     res = load_results(first, second, names=["a", "b"])
     for name, frame in (("metrics", res.metrics), ("stages", res.stages), ("behaviour", res.behaviour),
-                        ("answer_readout", res.answer_readout)):
+                        ("answer_readout", res.table("answer_readout"))):
         expected = pl.from_arrow(pq.read_table(first / "tiny-llava" / f"{name}.parquet"))
         assert frame["run"].to_list() == ["a"] * expected.height + ["b"] * expected.height
         for run in ("a", "b"):

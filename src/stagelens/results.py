@@ -108,11 +108,6 @@ class Results:
         return self.table("behaviour")
 
     @property
-    def answer_readout(self) -> pl.DataFrame:
-        """The answer readout (logit lens) per run x model x prompt x layer: mean p per answer, margin."""
-        return self.table("answer_readout")
-
-    @property
     def provenance(self) -> pl.DataFrame:
         """One row per run x model: model id, revision, dtype, layer convention, versions, dataset, split seed, probe method."""
         rows = [

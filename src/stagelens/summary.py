@@ -61,7 +61,7 @@ def summary_text(res: Results, report: str | None = None) -> str:
     """The summary of every model of the runs (one block per model)."""
     metrics, stages, behaviour = res.metrics, res.stages, res.behaviour
     try:
-        answer_readout = res.answer_readout
+        answer_readout = res.table("answer_readout")
     except ResultsError:  # runs made before the answer readout existed
         answer_readout = None
     best = best_layers(metrics)

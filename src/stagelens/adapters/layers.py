@@ -20,13 +20,18 @@ from torch import nn
 _VISION_NAME_PARTS = ("vision", "visual", "image", "vit", "projector", "patch", "siglip", "clip")
 
 
-def text_num_layers(model: nn.Module) -> int | None:
-    """num_hidden_layers of the model's text config, where it has one."""
+def text_config_value(model: nn.Module, key: str):
+    """`key` of the model's text config (its config where it has no separate one), or None."""
     config = getattr(model, "config", None)
     if config is None:
         return None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "num_hidden_layers", None)
+    return getattr(text_config, key, None)
+
+
+def text_num_layers(model: nn.Module) -> int | None:
+    """num_hidden_layers of the model's text config, where it has one."""
+    return text_config_value(model, "num_hidden_layers")
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:

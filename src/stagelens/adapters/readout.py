@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from stagelens.adapters.layers import text_config_value
+
 READOUT_RULE = (
     "layer l: softmax over the full vocabulary of unembedding(final_norm(h_l)) at the last prompt token, "
     "h_l = residual stream after block l (the model's own final norm, unembedding and logit soft-capping); "
@@ -67,11 +69,7 @@ class AnswerReadout:
 
 def logit_softcap(model: nn.Module) -> float | None:
     """The text config's final logit soft-capping (Gemma-2 style), applied by the model to its logits."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "final_logit_softcapping", None)
+    return text_config_value(model, "final_logit_softcapping")
 
 
 def causal_lm_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
