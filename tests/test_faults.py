@@ -55,14 +55,17 @@ def synthetic_images(root: Path) -> Path:
 
 
 def fault_config(images: Path) -> dict:
-    """Tiny but complete: one tiny LLaVA (2 blocks), anchor + one variant, both positions.
+    """Tiny but complete: one tiny LLaVA (2 blocks), anchor + one variant, the last token.
     batch_size 1 keeps each extraction job writing for a while, so a kill lands mid-write."""
     anchor = "Does this image show an animal? The answer must be always yes or no."
     return {
         "seed": 0,
         "results": "results",
         "dataset": {"root": str(images), "train_per_class": 4, "test_per_class": 2},
-        "models": {"tiny-llava": {"recipe": "tiny-llava", "num_layers": 2, "device": "cpu", "batch_size": 1}},
+        # `last` only: no image pass, whose jobs write through the same store and rules as the
+        # prompt extraction killed here; a third fewer jobs keeps the module's cost down.
+        "models": {"tiny-llava": {"recipe": "tiny-llava", "num_layers": 2, "device": "cpu", "batch_size": 1,
+                                  "positions": ["last"]}},
         "prompts": {
             "anchor": {"id": "anchor", "text": anchor, "expected": "yes"},
             "variants": [{"id": "lex_picture", "family": "lexical", "text": anchor.replace("image", "picture"),
