@@ -310,6 +310,19 @@ def write_manifest(table: pa.Table, path: str | os.PathLike) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
+def manifest_from_config(dataset: Mapping, seed: int, progress: Callable[[Iterable[T]], Iterable[T]] = lambda it: it) -> pa.Table:
+    """The manifest the validated `dataset` config section describes."""
+    keys = ("class_list", "on_broken_image", "format", "image_column", "label_column", "class_names", "labels")
+    return build_manifest(dataset["root"], seed, dataset["train_per_class"], dataset["test_per_class"],
+                          progress=progress, **{key: dataset[key] for key in keys})
+
+
+def manifest_report(table: pa.Table, meta: Mapping) -> list[str]:
+    """Log lines for a written manifest: its size and every broken image it skipped."""
+    lines = [f"{len(meta['classes'])} classes, {table.num_rows} images; skipped {meta['n_skipped_broken']} broken image(s)"]
+    return lines + [f"skipped broken image {item['path']}: {item['error']}" for item in meta["skipped_broken"]]
+
+
 def manifest_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata a manifest carries (seed, classes, counts, skipped images)."""
     meta = pq.read_schema(path).metadata or {}
