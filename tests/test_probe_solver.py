@@ -19,7 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from stagelens.logistic import Problem, fit_path, standardisation
-from stagelens.probe_training import ProbeSettings, fit_probe_and_control
+from stagelens.probe_training import ProbeSettings, fit_probe_and_control, stratified_folds
 
 CPU = torch.device("cpu")
 OBJECTIVE_RTOL = 1e-6
@@ -189,3 +189,19 @@ def test_device_must_exist():
         fit_probe_and_control(x, y, settings("torch", device="cuda:0"), seed=0)
     with pytest.raises(ValueError, match="probe.solver"):
         settings("lbfgs")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345])
+@pytest.mark.parametrize("counts", [(5, 5), (50, 50, 50), (7, 13, 5, 30), (30,) * 10])
+def test_stratified_folds_are_scikit_learns(counts, seed):
+    """The numpy folds equal StratifiedKFold(shuffle=True) row for row, with the labels in a
+    random order and class ids that are neither sorted by appearance nor contiguous."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.repeat(rng.choice(1000, size=len(counts), replace=False), counts))
+    folds = min(5, min(counts))
+    expected = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros((len(y), 1)), y)
+    got = stratified_folds(y, folds, seed)
+    assert len(got) == folds
+    for (train, held), (want_train, want_held) in zip(got, expected):
+        np.testing.assert_array_equal(train, want_train)
+        np.testing.assert_array_equal(held, want_held)

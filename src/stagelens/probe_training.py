@@ -3,7 +3,7 @@
 Two solvers minimise the same objective (StandardScaler + multinomial L2 logistic regression,
 scikit-learn's scaling of C): `torch` (stagelens.logistic: every fold and C in one batched L-BFGS,
 warm-started along C, CPU or GPU) and `sklearn` (LogisticRegression, lbfgs: the reference).
-Both use scikit-learn's StratifiedKFold, so both see the same folds.
+Both see the same folds: scikit-learn's StratifiedKFold, reimplemented in numpy (`stratified_folds`).
 """
 
 from __future__ import annotations
@@ -80,11 +80,25 @@ def _check_labels(x: np.ndarray, y: np.ndarray, cv_folds: int) -> tuple[np.ndarr
     return classes, encoded, folds
 
 
-def _folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import StratifiedKFold
-
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return list(splitter.split(np.zeros((len(y), 1)), y))
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, held-out) row indices of scikit-learn's StratifiedKFold(folds, shuffle=True,
+    random_state=seed), reimplemented in numpy: importing scikit-learn costs a probe job ~1-9 s
+    of start-up (tests/test_probe_solver.py holds the two to the same folds)."""
+    rng = np.random.RandomState(seed)
+    _, first_index, lexical = np.unique(y, return_index=True, return_inverse=True)
+    # Classes numbered by first appearance, as scikit-learn does before allocating.
+    _, appearance = np.unique(first_index, return_inverse=True)
+    encoded = appearance[lexical.reshape(-1)]
+    n_classes = len(first_index)
+    ordered = np.sort(encoded)
+    allocation = np.asarray([np.bincount(ordered[i::folds], minlength=n_classes) for i in range(folds)])
+    test_fold = np.empty(len(y), dtype="i")
+    for k in range(n_classes):
+        fold_of_row = np.arange(folds).repeat(allocation[:, k])
+        rng.shuffle(fold_of_row)
+        test_fold[encoded == k] = fold_of_row
+    rows = np.arange(len(y))
+    return [(rows[test_fold != f], rows[test_fold == f]) for f in range(folds)]
 
 
 def _best_C(Cs: Sequence[float], mean_accuracy: dict[float, float]) -> float:
@@ -151,7 +165,7 @@ def _fit_torch(x, y, settings: ProbeSettings, seed: int, threads: int):
     # more, and on a busy machine every barrier can wait for a descheduled thread (measured: 6x
     # slower with 2 threads than with 1 at the embedded default's size on a loaded 2-core machine).
     torch.set_num_threads(1 if len(y) * x.shape[1] * K < 5e7 else max(1, threads))
-    splits = _folds(y, folds, seed)
+    splits = stratified_folds(y, folds, seed)
     Cs = sorted(set(float(c) for c in settings.Cs))
     solve = dict(n_classes=K, tol=settings.tol, max_iter=settings.max_iter, device=device,
                  basis=principal_basis(x, device))
@@ -187,7 +201,7 @@ def _fit_sklearn(x, y, settings: ProbeSettings, seed: int, threads: int):
     from threadpoolctl import threadpool_limits
 
     classes, encoded, folds = _check_labels(x, y, settings.cv_folds)
-    splits = _folds(y, folds, seed)
+    splits = stratified_folds(y, folds, seed)
     template = make_pipeline(StandardScaler(), LogisticRegression(max_iter=settings.max_iter, tol=settings.tol,
                                                                   random_state=seed))
 
