@@ -33,6 +33,10 @@ class ArchitectureFacts:
     nested_images: bool = False  # the processor wants one image list per prompt
     image_only_processor: bool = False  # the processor insists on a video processor (torchvision)
     needs_torchvision: str = ""  # why its processor cannot run without torchvision ("" where it can)
+    # Without torchvision, a processor module that imports a helper from a torchvision-only image
+    # processor module whose PIL twin defines the same helper: (processor module, torchvision-only
+    # module, PIL module), under transformers.models; the PIL twin stands in during the import.
+    pil_twin: tuple[str, str, str] = ()
     max_pixels: bool = False  # the processor honours max_pixels (Qwen2-VL style)
     chat_template: str = ""  # file under stagelens/builders/chat_templates/
     template_is_stand_in: bool = False  # no published template: a stand-in written for stagelens
@@ -86,7 +90,7 @@ _FACTS = [
         vision="model.vision_model", extra_inputs=("pixel_attention_mask",), nested_images=True,
         image_only_processor=True, chat_template="SmolVLM-256M-Instruct.jinja"),
     _hf("mistral3", "Mistral3ForConditionalGeneration", "PixtralProcessor", extra_inputs=("image_sizes",),
-        needs_torchvision="PixtralProcessor imports its resize helper from the torchvision image processor",
+        pil_twin=("pixtral.processing_pixtral", "pixtral.image_processing_pixtral", "pixtral.image_processing_pil_pixtral"),
         chat_template="stand-in-mistral3.jinja", template_is_stand_in=True),
     ArchitectureFacts(
         "llama4", "Llama4ForConditionalGeneration", "Llama4Processor", decoder_layers="language_model.model.layers",

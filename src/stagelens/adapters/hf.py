@@ -333,6 +333,7 @@ def _load_processor(facts: ArchitectureFacts | None, spec: ModelSpec):
         revision=spec.revision,
         max_pixels=spec.max_pixels,
         trust_remote_code=spec.trust_remote_code,
+        pil_twin=facts.pil_twin if facts is not None else (),
     )
 
 

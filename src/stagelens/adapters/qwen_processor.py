@@ -4,15 +4,19 @@ In transformers 5.x the processors of video-capable families (Qwen2-VL, Qwen2.5-
 GLM-4.1V, InternVL, SmolVLM, LLaVA-OneVision) require a video processor, which exists only with
 torchvision; without it `AutoProcessor` raises (or returns the bare tokenizer). stagelens only
 feeds images, so where torchvision is missing it uses an image-only subclass that goes through
-the very same image code path, with the image processor pinned to its PIL backend.
+the very same image code path, with the image processor pinned to its PIL backend. Pixtral's
+processor (Mistral 3) is unimportable without torchvision only through one helper import, which
+its PIL image processor's module also defines (`transformers_processor`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import importlib
 import inspect
 import os
+import sys
 
 from transformers import AutoProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
@@ -60,6 +64,27 @@ def image_only_processor(processor_class: type) -> type:
     )
 
 
+def transformers_processor(name: str, pil_twin: tuple[str, str, str] = ()) -> type:
+    """The transformers processor class `name`, imported without torchvision where `pil_twin` allows.
+
+    `pil_twin` (the table's fact: processor module, torchvision-only module it imports a helper
+    from, PIL module defining the same helper, under transformers.models): without torchvision the
+    PIL module stands in for the torchvision-only one while the processor's module is imported,
+    then leaves sys.modules, so nothing else can import it by the wrong name.
+    """
+    import transformers
+
+    if not pil_twin or torchvision_available():
+        return getattr(transformers, name)
+    processor_module, torchvision_module, pil_module = (f"transformers.models.{m}" for m in pil_twin)
+    sys.modules[torchvision_module] = importlib.import_module(pil_module)
+    try:
+        module = importlib.import_module(processor_module)
+    finally:
+        del sys.modules[torchvision_module]
+    return getattr(module, name)
+
+
 # Kept by name: checkpoints and tests built without torchvision use it directly.
 Qwen2VLImageOnlyProcessor = image_only_processor(Qwen2VLProcessor)
 
@@ -85,9 +110,11 @@ def load_processor(
     revision: str | None = None,
     max_pixels: int | None = None,
     trust_remote_code: bool = False,
+    pil_twin: tuple[str, str, str] = (),
 ):
     """AutoProcessor where torchvision exists; else the PIL backend, through the image-only
-    subclass of `processor_class` where the family's processor insists on a video processor.
+    subclass of `processor_class` where the family's processor insists on a video processor, or
+    through `processor_class` imported with its PIL twin (`transformers_processor`).
 
     A checkpoint saved without a video processor (the tiny recipes built without torchvision)
     also takes the image-only path on a torchvision machine. max_pixels, where given, caps the
@@ -107,6 +134,8 @@ def load_processor(
             processor = image_only_class().from_pretrained(path, revision=revision)
     elif image_only:
         processor = image_only_class().from_pretrained(path, revision=revision, backend="pil")
+    elif pil_twin:
+        processor = transformers_processor(processor_class, pil_twin).from_pretrained(path, revision=revision, backend="pil")
     else:
         processor = AutoProcessor.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code, backend="pil"

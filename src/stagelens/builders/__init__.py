@@ -6,7 +6,7 @@ importing torch.
 """
 
 # The architecture coverage matrix's tiny models (builders/tiny_matrix.py): "tiny-" + model_type
-# with "-" for "_" (tiny-mistral3 needs torchvision).
+# with "-" for "_".
 MATRIX_RECIPES = (
     "tiny-qwen2-5-vl",
     "tiny-qwen3-vl",

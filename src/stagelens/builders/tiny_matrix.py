@@ -327,7 +327,10 @@ def _smolvlm(out: Path, layers: int) -> None:
 
 
 def _mistral3(out: Path, layers: int) -> None:
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil, PixtralProcessor
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil
+
+    from stagelens.adapters.architectures import ARCHITECTURES
+    from stagelens.adapters.qwen_processor import transformers_processor
 
     specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<pad>"]
     tok = train_tokenizer(specials, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -342,8 +345,10 @@ def _mistral3(out: Path, layers: int) -> None:
     model = Mistral3ForConditionalGeneration(config).eval()
     image_processor = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
     # No verified Mistral-Small-3.1 template was collected: a stand-in in Mistral's [INST] format.
-    processor = PixtralProcessor(image_processor, tok, patch_size=8, spatial_merge_size=2,
-                                 chat_template=template("stand-in-mistral3.jinja"))
+    facts = ARCHITECTURES["mistral3"]
+    processor_class = transformers_processor(facts.processor_class, facts.pil_twin)  # PIL-only machines too
+    processor = processor_class(image_processor, tok, patch_size=8, spatial_merge_size=2,
+                                chat_template=template("stand-in-mistral3.jinja"))
     _save(out, model, processor)
 
 
