@@ -12,8 +12,8 @@ its PIL image processor's module also defines (`transformers_processor`).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
