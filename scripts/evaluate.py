@@ -1,5 +1,6 @@
-"""Snakemake jobs evaluate (one prompt's test vectors) and evaluate_image (the image pass's: no
-anchor to compare with, so no drop): frozen probes of one model x layer."""
+"""Snakemake jobs evaluate (one prompt's test vectors), evaluate_image (the image pass's: no anchor
+to compare with, so no drop) and evaluate_prompt_image (the image tokens of a prompt with text
+before the image, paired with the image pass's): frozen probes of one model x layer."""
 
 from stagelens.job import start
 

@@ -18,7 +18,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
-from stagelens.positions import IMAGE_PASS, PROMPT_POSITIONS
+from stagelens.positions import IMAGE_PASS, PROMPT_POSITIONS, has_text_before_image
 from stagelens.spec import vector_dtype_problem
 
 # Families the stage rule reads (stagelens.stages) plus the anchor's; others must be declared
@@ -87,12 +87,16 @@ def all_prompts(config: Mapping[str, Any]) -> list[dict]:
 
 
 def patched_variants(config: Mapping[str, Any]) -> list[dict]:
-    """The variants patched against the anchor: none unless patching is enabled; all by default."""
+    """The variants patched against the anchor: none unless patching is enabled; by default every
+    variant without text before the image (patching shares the image tokens with the anchor's)."""
     patching = config.get("patching", {})
     if not patching.get("enabled"):
         return []
     chosen = patching.get("variants")
-    return [v for v in config["prompts"].get("variants", []) if chosen is None or v["id"] in chosen]
+    variants = config["prompts"].get("variants", [])
+    if chosen is None:
+        return [v for v in variants if not has_text_before_image(v)]
+    return [v for v in variants if v["id"] in chosen]
 
 
 def rule_suffix(model_name: str) -> str:
@@ -181,10 +185,16 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
                     "both would name one output folder on a case-insensitive file system")
         else:
             seen[path_key(pid)] = (f"prompts.variants[{i}]", pid)
-    variant_ids = [v["id"] for v in config["prompts"].get("variants", [])]
+    if has_text_before_image(config["prompts"]["anchor"]):
+        err(["prompts", "anchor", "before_image"], "the anchor's image tokens are the image pass's (read once per "
+            "image, the image-token probes are trained on them): put text before the image in variants only")
+    variants = {v["id"]: v for v in config["prompts"].get("variants", [])}
     for i, pid in enumerate(config.get("patching", {}).get("variants") or []):
-        if pid not in variant_ids:
-            err(["patching", "variants", i], f"{pid!r} is not a variant id; variants: {', '.join(variant_ids) or 'none'}")
+        if pid not in variants:
+            err(["patching", "variants", i], f"{pid!r} is not a variant id; variants: {', '.join(variants) or 'none'}")
+        elif has_text_before_image(variants[pid]):
+            err(["patching", "variants", i], f"{pid!r} has text before the image: patching runs the image tokens the "
+                "variant shares with the anchor once, and this variant shares none; patch variants without before_image")
     return messages + _family_messages(config)
 
 

@@ -50,8 +50,10 @@ def evaluate_layer(
 ) -> list[dict[str, Any]]:
     """Metrics rows (one per position the probe file holds) with the provenance of the variant file.
 
-    readout "image": the image pass, evaluated against itself; its paired metrics are left empty
-    (a drop of 0 where no prompt can move the vectors would look like a finding).
+    readout "image": the image-token readout. The image pass is evaluated against itself and its
+    paired metrics are left empty (a drop of 0 where no prompt can move the vectors would look like
+    a finding); a prompt with text before the image is paired with the image pass (anchor_path),
+    whose image tokens are the anchor's, and keeps its drop.
     """
     if readout not in ("prompt", "image"):
         raise ValueError(f"readout must be 'prompt' or 'image', got {readout!r}")
@@ -63,7 +65,7 @@ def evaluate_layer(
             raise KeyError(f"{control_path}: no control probe for position {position!r}")
         labels, variant, anchor = paired_vectors(variant_path, anchor_path, position)
         metrics = evaluate_probe(probe, controls[position], labels, variant, anchor, settings)
-        if readout == "image":
+        if readout == "image" and os.fspath(anchor_path) == os.fspath(variant_path):
             metrics.update(dict.fromkeys(PAIRED_METRICS))
         rows.append({
             "model": model_name, "model_id": meta.get("model_id"), "revision": meta.get("revision"),

@@ -3,7 +3,9 @@
 Two passes per model x split: `extract` runs one prompt and keeps the prompt-dependent
 positions (and the model's answers); `extract_image` runs the tokens up to the last image token
 once and keeps the image positions, which no prompt can change (every prompt renders to the same
-ids up to the last image token: checked per prompt, `image_prefix_problem`).
+ids up to the last image token: checked per prompt, `image_prefix_problem`). A prompt that
+declares text before the image (`before_image`) changes its image tokens: its own pass keeps the
+image positions too.
 One forward pass per batch yields all layers; each layer's vectors go to their own Parquet
 writer, the model's answer-word probabilities to the answers file, and (prompt pass) the answer
 readout per layer (the model's final norm and unembedding on each layer's last-token state,
@@ -44,6 +46,7 @@ from stagelens.adapters.base import (
 )
 from stagelens.image_sources import ImageRef, describe, read_image_source
 from stagelens.finite import check_finite
+from stagelens.positions import has_text_before_image
 from stagelens.prompt_layout import IMAGE_PASS_QUESTION, shared_image_prefix_problem
 from stagelens.images import ImageDecodeError, open_rgb
 from stagelens.spec import ModelSpec, vector_dtype_problem
@@ -105,29 +108,30 @@ def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[Sequence[Sam
 
 
 def _run_batches(
-    adapter: ModelAdapter, samples: Sequence[Sample], batch_size: int, question: str | None, layers, positions
+    adapter: ModelAdapter, samples: Sequence[Sample], batch_size: int, prompt: Mapping[str, str] | None, layers, positions
 ) -> Iterator[tuple[Sequence[Sample], BatchVectors]]:
-    """(batch, forward output) per batch; question None: the image pass.
+    """(batch, forward output) per batch; prompt None: the image pass.
 
     A `PreparingAdapter` gets the next batch's images read and processed in a worker thread
     while the model runs the current one (one batch ahead, so memory stays bounded); other
     adapters are called through `forward` / `forward_image`.
     """
     chunks = list(batches(samples, batch_size))
+    before = prompt.get("before_image", "") if prompt is not None else ""
     if not isinstance(adapter, PreparingAdapter):
         for batch in chunks:
             images = [load_image(s.image) for s in batch]
-            if question is None:
+            if prompt is None:
                 yield batch, adapter.forward_image(images, layers)
             else:
-                yield batch, adapter.forward(images, question, layers, positions)
+                yield batch, adapter.forward(images, prompt["text"], layers, positions, before_image=before)
         return
 
     def prepare(batch: Sequence[Sample]):
         images = [load_image(s.image) for s in batch]
-        if question is None:
+        if prompt is None:
             return adapter.prepare(images, IMAGE_PASS_QUESTION, image_only=True)
-        return adapter.prepare(images, question)
+        return adapter.prepare(images, prompt["text"], before_image=before)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagelens-prepare") as pool:
         pending = pool.submit(prepare, chunks[0])
@@ -178,12 +182,13 @@ def run_metadata(
 
 
 def _prompt_metadata(adapter: ModelAdapter, prompt: Mapping[str, str]) -> dict[str, object]:
-    layout = adapter.layout(prompt["text"])
+    layout = adapter.layout(prompt["text"], prompt.get("before_image", ""))
     return {
         "pass": "prompt",
         "prompt_id": prompt["id"],
         "prompt_family": prompt.get("family"),
         "prompt_text": prompt["text"],
+        "prompt_before_image": prompt.get("before_image", ""),
         "prompt_expected": prompt.get("expected"),
         "rendered_prompt": layout.text,
         "question_last_from_end": layout.from_end(layout.question_last),
@@ -205,7 +210,8 @@ def _image_pass_metadata(adapter: ModelAdapter) -> dict[str, object]:
 def image_prefix_problem(adapter: ModelAdapter, prompt: Mapping[str, str]) -> str | None:
     """Why `prompt`'s image tokens would differ from the image pass's (None: they cannot)."""
     return shared_image_prefix_problem(
-        adapter.layout(prompt["text"]), adapter.layout(IMAGE_PASS_QUESTION), getattr(adapter, "tokenizer", None)
+        adapter.layout(prompt["text"], prompt.get("before_image", "")), adapter.layout(IMAGE_PASS_QUESTION),
+        getattr(adapter, "tokenizer", None),
     )
 
 
@@ -232,9 +238,11 @@ def check_request(adapter: ModelAdapter, spec: ModelSpec, layers: Sequence[int],
         raise ValueError(f"{len(embedding_paths)} embedding paths for {len(layers)} layers")
 
 
-def prompt_positions(spec: ModelSpec) -> list[str]:
-    """The positions a prompt's files hold: the configured prompt-dependent ones."""
-    return [p for p in spec.positions if p in PROMPT_POSITIONS]
+def prompt_positions(spec: ModelSpec, prompt: Mapping[str, str] | None = None) -> list[str]:
+    """The positions a prompt's files hold: the configured prompt-dependent ones, and the image
+    positions too for a prompt with text before the image (its image tokens are its own)."""
+    own_image = prompt is not None and has_text_before_image(prompt)
+    return [p for p in spec.positions if p in PROMPT_POSITIONS or own_image]
 
 
 def image_positions(spec: ModelSpec) -> list[str]:
@@ -258,22 +266,27 @@ def extract(
     answers_path and (where given) readout_path, the answer readout per image x layer, for
     `samples` under `prompt`.
 
-    prompt: {"id", "text", "family", "expected"}. A prompt whose tokens before the last image
-    token differ from the image pass's is refused (its image tokens would depend on it, so the
-    shared image readout would not be its own). Returns a small summary (rows, seconds).
+    prompt: {"id", "text", "family", "expected"} and optionally "before_image" (text put before
+    the image: the image positions are then read here too, from this prompt's own forward pass).
+    A prompt without it whose tokens before the last image token differ from the image pass's is
+    refused (its image tokens would depend on it, so the shared image readout would not be its
+    own). Returns a small summary (rows, seconds).
     """
     layers = spec.layers_of(adapter.info.num_layers)
     check_request(adapter, spec, layers, embedding_paths)
-    if image_positions(spec):
+    if image_positions(spec) and not has_text_before_image(prompt):
         problem = image_prefix_problem(adapter, prompt)
         if problem:
             raise ValueError(
                 f"prompt {prompt['id']!r} under model {spec.name!r}: {problem}. stagelens reads the image "
-                f"positions {image_positions(spec)} once per image, before any question; put the image first "
-                f"in this prompt or drop {image_positions(spec)} from models.{spec.name}.positions"
+                f"positions {image_positions(spec)} once per image, before any question, for every prompt "
+                "without text before the image. If this prompt puts text before the image, declare it with "
+                "the prompt's `before_image` key (its image tokens are then read per prompt); if the "
+                "differing text is the chat template's own, prompt-dependent text, drop "
+                f"{image_positions(spec)} from models.{spec.name}.positions"
             )
-    return _write_pass(adapter, spec, samples, prompt, prompt_positions(spec), layers, embedding_paths, answers_path,
-                       readout_path, split, progress)
+    return _write_pass(adapter, spec, samples, prompt, prompt_positions(spec, prompt), layers, embedding_paths,
+                       answers_path, readout_path, split, progress)
 
 
 def extract_image(
@@ -319,7 +332,6 @@ def _write_pass(
     dim = adapter.info.hidden_size
     writers: list[ParquetStreamWriter] = []
     start = time.perf_counter()
-    question = prompt["text"] if prompt is not None else None
     desc = f"extract {split}/{prompt['id'] if prompt is not None else 'image'}"
     try:
         emb_writers = []
@@ -336,7 +348,7 @@ def _write_pass(
             readout = ParquetStreamWriter(readout_path, answer_readout_schema(ANSWER_WORDS, readout_meta))
             writers.append(readout)
         with tqdm(total=len(samples), unit="img", file=sys.stderr, disable=not progress, desc=desc) as bar:
-            for batch, out in _run_batches(adapter, samples, batch_size, question, layers, positions):
+            for batch, out in _run_batches(adapter, samples, batch_size, prompt, layers, positions):
                 ids = [s.sample_id for s in batch]
                 check_finite(out.vectors, layers, ids, vector_dtype)
                 labels = np.asarray([s.label for s in batch], dtype=np.int32)

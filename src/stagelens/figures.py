@@ -34,13 +34,18 @@ FORMATS = ("png", "svg", "vl.json")
 
 
 def _series(table: pl.DataFrame) -> pl.DataFrame:
-    """Add `series` = "prompt (family)" ("image tokens (<position>)" for the image pass) and an
+    """Add `series` = "prompt (family)" ("image tokens (<position>)" for the image pass, "prompt
+    (family), image tokens" for the image tokens of a prompt with text before the image) and an
     order that puts the anchor first, then by family."""
     families = list(FAMILY_COLORS)
     series = pl.col("prompt") + " (" + pl.col("family") + ")"
     if "readout" in table.columns:  # metrics rows (behaviour rows are per prompt only)
         image = "image_position" if "image_position" in table.columns else "position"
-        series = pl.when(pl.col("readout") == "image").then(pl.lit("image tokens (") + pl.col(image) + ")").otherwise(series)
+        series = (
+            pl.when(pl.col("readout") != "image").then(series)
+            .when(pl.col("prompt") == IMAGE_PASS).then(pl.lit("image tokens (") + pl.col(image) + ")")
+            .otherwise(series + ", image tokens")
+        )
     return table.with_columns(
         series.alias("series"),
         pl.col("family")
@@ -75,13 +80,20 @@ def _shade(hex_color: str, k: int) -> str:
 
 
 def prompt_rows(metrics: pl.DataFrame) -> pl.DataFrame:
-    """The rows a prompt can move (the image pass's rows have no drop)."""
+    """The prompt-dependent positions' rows (those stage detection reads)."""
     return metrics.filter(pl.col("readout") == "prompt")
 
 
+def movable_rows(metrics: pl.DataFrame) -> pl.DataFrame:
+    """The rows a prompt can move: the prompt rows, and the image-token rows of the prompts with
+    text before the image (the image pass's rows have no drop)."""
+    return metrics.filter((pl.col("readout") == "prompt") | (pl.col("prompt") != IMAGE_PASS))
+
+
 def _with_image_reference(metrics: pl.DataFrame) -> pl.DataFrame:
-    """The prompt rows, plus the image pass's rows copied into every prompt position's facet (one
-    reference curve per image position; its own position kept in `image_position`)."""
+    """The prompt rows, plus the image-token rows (the image pass's, and those of prompts with text
+    before the image) copied into every prompt position's facet (one curve per image position and
+    readout; its own position kept in `image_position`)."""
     prompts = prompt_rows(metrics).with_columns(pl.lit(None, pl.String).alias("image_position"))
     image = metrics.filter(pl.col("readout") == "image")
     copies = [
@@ -93,7 +105,8 @@ def _with_image_reference(metrics: pl.DataFrame) -> pl.DataFrame:
 
 def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
     """Probe accuracy vs layer per prompt with bootstrap CI bands, control probe and chance; the
-    image-token readout (the image pass: the same for every prompt) as one reference curve."""
+    image-token readout (the image pass: the same for every prompt) as one reference curve, and
+    that of each prompt with text before the image as a dashed curve of its own."""
     if "probe_converged" not in metrics.columns:  # tables written before fits were recorded
         metrics = metrics.with_columns(pl.lit(True).alias("probe_converged"))
     data = _series(_with_image_reference(metrics)).select(
@@ -136,7 +149,8 @@ def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
         .encode(x=x, y="accuracy:Q", tooltip=["layer", alt.Tooltip("probe_converged:N", title="probe fit converged")])
     )
     subtitle = ["bands: bootstrap CI; dashed colour: image tokens (read once per image, the same under every "
-                "prompt); dashed grey: shuffled-label control probe; dotted: chance"]
+                "prompt without text before the image; a prompt with it: its own, in its colour); "
+                "dashed grey: shuffled-label control probe; dotted: chance"]
     stuck = (
         metrics.filter(~pl.col("probe_converged"))
         .select(pl.when(pl.col("readout") == "image").then(pl.lit("image tokens ") + pl.col("position"))
@@ -156,8 +170,8 @@ def accuracy_chart(metrics: pl.DataFrame, title: str) -> alt.Chart:
 
 def drop_heatmap(metrics: pl.DataFrame, title: str, alpha: float, min_drop: float) -> alt.Chart:
     """Layer x prompt heatmap of the paired accuracy drop against the anchor; * = significant.
-    Prompt-dependent positions only: the image tokens cannot move."""
-    data = _series(prompt_rows(metrics).filter(pl.col("family") != "anchor")).with_columns(
+    Rows a prompt can move only: the image tokens only for prompts with text before the image."""
+    data = _series(movable_rows(metrics).filter(pl.col("family") != "anchor")).with_columns(
         ((pl.col("drop_p") < alpha) & (pl.col("drop") >= min_drop)).alias("significant")
     ).select("position", "layer", "series", "family_rank", "drop", "drop_ci_low", "drop_ci_high", "drop_p", "significant")
     limit = max(0.05, float(data["drop"].abs().max() or 0.0))

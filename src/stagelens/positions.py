@@ -10,8 +10,12 @@ model ("<|im_start|>user\\n<image>...\\n{question}<|im_end|>\\n<|im_start|>assis
 - `question_last`: the token holding the question's last character (e.g. "." of "yes or no."),
   before the template's end-of-turn and assistant prefix: the question read, no template after it.
 - `image_mean`: the mean over the image placeholder tokens. They come before the question, so
-  under causal attention they cannot see it: the image pass reads them once per image.
+  under causal attention they cannot see it: the image pass reads them once per image. A prompt
+  with text before the image (its `before_image` key) changes what they see: its own extraction
+  reads them too, and they are evaluated as that prompt's image-token readout.
 """
+
+from typing import Mapping
 
 PROMPT_POSITIONS = ("last", "question_last")
 IMAGE_POSITIONS = ("image_mean",)
@@ -20,3 +24,9 @@ POSITIONS = PROMPT_POSITIONS + IMAGE_POSITIONS
 # The image pass's name in output paths (embeddings/<split>/image/, probes/image/, metrics/image/)
 # and in the `prompt` column of its metrics rows; no prompt may take it.
 IMAGE_PASS = "image"
+
+
+def has_text_before_image(prompt: Mapping[str, object]) -> bool:
+    """Whether a prompt puts text before the image (its `before_image` key), so that its image
+    tokens see it and are read per prompt rather than by the shared image pass."""
+    return bool(prompt.get("before_image"))

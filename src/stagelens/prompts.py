@@ -6,6 +6,7 @@ tensors the adapters feed to the forward pass, so real vocabularies can be check
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from PIL import Image
@@ -14,16 +15,38 @@ from stagelens.adapters.base import ANSWER_WORDS
 from stagelens.prompt_layout import adds_special_tokens
 
 
-def user_message(question: str) -> list[dict]:
-    """One user turn holding one image followed by the question, in chat-template form."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def user_message(question: str, image: bool = True) -> list[dict]:
+    """One user turn holding one image (image=False: none) followed by the question, in chat-template form."""
+    content = [{"type": "image"}] if image else []
+    return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
 
 
-def render_prompt(processor, question: str) -> str:
-    """The exact text fed to the tokenizer: the processor's chat template + generation prompt."""
+def _apply_template(processor, messages: list[dict]) -> str:
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def render_prompt(processor, question: str, before_image: str = "") -> str:
+    """The exact text fed to the tokenizer: the processor's chat template + generation prompt.
+
+    before_image: text put verbatim right before the image's rendering in the user turn. Templates
+    do not agree on a [text, image, text] content list (LLaVA-1.5's and LLaVA-NeXT's render every
+    image before every text), so the image's rendering is found as the part the image adds to the
+    template's output (the render with the image against the render without it) and the text is
+    inserted where that part starts; a template that keeps the content order gives the same text.
+    """
     if not getattr(processor, "chat_template", None):
         raise ValueError(f"{type(processor).__name__} has no chat template; stagelens renders prompts with it")
-    return processor.apply_chat_template(user_message(question), add_generation_prompt=True, tokenize=False)
+    rendered = _apply_template(processor, user_message(question))
+    if not before_image:
+        return rendered
+    text_only = _apply_template(processor, user_message(question, image=False))
+    start = len(os.path.commonprefix([rendered, text_only]))
+    if len(rendered) - len(text_only) <= 0 or not rendered.endswith(text_only[start:]):
+        raise ValueError(
+            f"cannot find where the image is rendered in {type(processor).__name__}'s chat template "
+            f"(with the image: {rendered!r}; without: {text_only!r}): before_image is undefined"
+        )
+    return rendered[:start] + before_image + rendered[start:]
 
 
 def set_left_padding(processor) -> None:
@@ -31,15 +54,17 @@ def set_left_padding(processor) -> None:
     processor.tokenizer.padding_side = "left"
 
 
-def build_inputs(processor, images: Sequence[Image.Image], question: str, nested: bool = False, **processor_kwargs):
-    """Processor outputs (every key it returns) for a batch of images under one question.
+def build_inputs(processor, images: Sequence[Image.Image], question: str, nested: bool = False, before_image: str = "",
+                 **processor_kwargs):
+    """Processor outputs (every key it returns) for a batch of images under one question (and the
+    text before the image, see render_prompt).
 
     nested: pass the images as one single-image list per prompt (Gemma 3, Idefics3, mllama).
     """
     if not images:
         raise ValueError("build_inputs needs at least one image")
     set_left_padding(processor)
-    prompt = render_prompt(processor, question)
+    prompt = render_prompt(processor, question, before_image)
     return processor(
         images=[[image] for image in images] if nested else list(images),
         text=[prompt] * len(images),

@@ -19,7 +19,7 @@ from stagelens.config import (
     patched_variants,
     rule_suffix,
 )
-from stagelens.positions import IMAGE_PASS, IMAGE_POSITIONS
+from stagelens.positions import IMAGE_PASS, IMAGE_POSITIONS, has_text_before_image
 from stagelens.spec import model_layers
 
 # The same validation (and defaults) as the library's, so a config means the same everywhere.
@@ -45,6 +45,9 @@ RESULTS = config["results"]
 MODELS = enabled_models(config)
 PROMPTS = {prompt["id"]: prompt for prompt in all_prompts(config)}
 ANCHOR = config["prompts"]["anchor"]["id"]
+# Prompts with text before the image: their image tokens see it, so each one's extraction reads
+# them and evaluate_prompt_image scores them (the others share the image pass's).
+BEFORE_IMAGE = [pid for pid, prompt in PROMPTS.items() if has_text_before_image(prompt)]
 PATCHED = [variant["id"] for variant in patched_variants(config)]  # empty unless patching.enabled
 # The image pass's rows in the metrics tables: `prompt` and `family` name it (no prompt may).
 IMAGE_READOUT = {"id": IMAGE_PASS, "family": IMAGE_PASS, "expected": None}
@@ -117,6 +120,11 @@ def metrics_path(model, prompt, layer):
 
 def image_metrics_path(model, layer):
     return f"{RESULTS}/{model}/metrics/{IMAGE_PASS}/layer{layer}.parquet"
+
+
+def prompt_image_metrics_path(model, prompt, layer):
+    """The image-token readout of a prompt with text before the image (its own image tokens)."""
+    return f"{RESULTS}/{model}/metrics/{prompt}/{IMAGE_PASS}_layer{layer}.parquet"
 
 
 def aggregate_path(model, table):
@@ -250,10 +258,12 @@ def probe_fit_inputs(model, path, image_path):
 
 
 def metrics_inputs(model):
-    """Every metrics file of one model: per prompt x layer, and the image pass's per layer."""
+    """Every metrics file of one model: per prompt x layer, the image pass's per layer, and the
+    image-token readout per layer of each prompt with text before the image."""
     paths = [metrics_path(model, prompt, layer) for prompt in PROMPTS for layer in layers_of(model)]
     if has_image_pass(model):
         paths += [image_metrics_path(model, layer) for layer in layers_of(model)]
+        paths += [prompt_image_metrics_path(model, prompt, layer) for prompt in BEFORE_IMAGE for layer in layers_of(model)]
     return paths
 
 

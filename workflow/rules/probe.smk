@@ -1,7 +1,9 @@
 # Probing: one probe-training job per model x layer (anchor prompt, train split), one
 # evaluation job per model x layer x prompt (test split); the image positions have their own
 # probe per model x layer (image pass, train split) and one evaluation per model x layer (image
-# pass, test split): no prompt can move them. Evaluation jobs are light (numpy + pyarrow,
+# pass, test split): no prompt without text before the image can move them. A prompt with text
+# before the image (before_image) has its image tokens read by its own extraction and scored by
+# the frozen image probes (evaluate_prompt_image), paired with the image pass's. Evaluation jobs are light (numpy + pyarrow,
 # ~0.2 s): a paper run has about a thousand of them.
 
 
@@ -109,6 +111,36 @@ rule evaluate_image:
         seed=config["seed"],
     log:
         log_path("evaluate_image", "{model}", "layer{layer}"),
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=5,
+    conda:
+        STAGELENS_ENV
+    script:
+        "../../scripts/evaluate.py"
+
+
+rule evaluate_prompt_image:
+    """The image-token readout of a prompt with text before the image: frozen image probes on its
+    own image tokens, paired drop against the image pass's (the anchor's image tokens)."""
+    input:
+        probe=image_probe_path("{model}", "{layer}"),
+        control=image_control_probe_path("{model}", "{layer}"),
+        variant=embedding_path("{model}", "test", "{prompt}", "{layer}"),
+        anchor=image_embedding_path("{model}", "test", "{layer}"),
+    output:
+        metrics=prompt_image_metrics_path("{model}", "{prompt}", "{layer}"),
+    wildcard_constraints:
+        prompt=alternation(BEFORE_IMAGE),
+    params:
+        model_name=lambda wildcards: wildcards.model,
+        prompt=lambda wildcards: PROMPTS[wildcards.prompt],
+        readout="image",
+        evaluate=config["evaluate"],
+        seed=config["seed"],
+    log:
+        log_path("evaluate_prompt_image", "{model}", "{prompt}", "layer{layer}"),
     threads: 1
     resources:
         mem_mb=2048,

@@ -70,11 +70,12 @@ class ModelAdapter(Protocol):
 
     info: ModelInfo
 
-    def render_prompt(self, question: str) -> str:
-        """The exact text fed to the tokenizer for one image + question (chat template applied)."""
+    def render_prompt(self, question: str, before_image: str = "") -> str:
+        """The exact text fed to the tokenizer for one image + question (chat template applied);
+        before_image: text put verbatim right before the image in the user turn."""
         ...
 
-    def layout(self, question: str) -> PromptLayout:
+    def layout(self, question: str, before_image: str = "") -> PromptLayout:
         """Token ids of the rendered prompt and where its image tokens and question end."""
         ...
 
@@ -88,6 +89,7 @@ class ModelAdapter(Protocol):
         question: str,
         layers: Sequence[int],
         positions: Sequence[str],
+        before_image: str = "",
     ) -> BatchVectors:
         """One forward pass over a batch; keeps only `positions` at `layers`."""
         ...
@@ -98,8 +100,9 @@ class PreparingAdapter:
     processing; thread-safe) and `forward_prepared` (the model), so extraction can prepare the
     next batch while the model runs this one."""
 
-    def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False) -> Any:
-        """image_only: cut the sequence after the last image token (the image pass)."""
+    def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False, before_image: str = "") -> Any:
+        """image_only: cut the sequence after the last image token (the image pass); before_image:
+        text put right before the image (see ModelAdapter.render_prompt)."""
         raise NotImplementedError
 
     def forward_prepared(self, prepared: Any, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
@@ -111,8 +114,9 @@ class PreparingAdapter:
         question: str,
         layers: Sequence[int],
         positions: Sequence[str],
+        before_image: str = "",
     ) -> BatchVectors:
-        return self.forward_prepared(self.prepare(images, question), layers, positions)
+        return self.forward_prepared(self.prepare(images, question, before_image=before_image), layers, positions)
 
     def forward_image(self, images: Sequence[Image.Image], layers: Sequence[int]) -> BatchVectors:
         return self.forward_prepared(self.prepare(images, IMAGE_PASS_QUESTION, image_only=True), layers, IMAGE_POSITIONS)

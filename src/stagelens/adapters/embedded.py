@@ -98,9 +98,10 @@ class Projector(nn.Module):
         return self.fc2(self.act(self.fc1(features)))
 
 
-def user_content(question: str, n_image_tokens: int) -> str:
-    """User message: the image placeholders first, then the question on its own line."""
-    return IMAGE_TOKEN * n_image_tokens + "\n" + question
+def user_content(question: str, n_image_tokens: int, before_image: str = "") -> str:
+    """User message: the image placeholders (after `before_image`, verbatim), then the question
+    on its own line."""
+    return before_image + IMAGE_TOKEN * n_image_tokens + "\n" + question
 
 
 class EmbeddedMLLM(nn.Module):
@@ -114,8 +115,8 @@ class EmbeddedMLLM(nn.Module):
         self.lm = lm
         self.tokenizer = tokenizer
 
-    def render_prompt(self, question: str) -> str:
-        messages = [{"role": "user", "content": user_content(question, self.config.n_image_tokens)}]
+    def render_prompt(self, question: str, before_image: str = "") -> str:
+        messages = [{"role": "user", "content": user_content(question, self.config.n_image_tokens, before_image)}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -203,16 +204,18 @@ class EmbeddedAdapter(PreparingAdapter):
         self.readout = AnswerReadout(*causal_lm_parts(model.lm), self._answer_ids, logit_softcap(model.lm))
         self.extra_metadata = {"readout_rule": READOUT_RULE}
 
-    def render_prompt(self, question: str) -> str:
-        return self.model.render_prompt(question)
+    def render_prompt(self, question: str, before_image: str = "") -> str:
+        return self.model.render_prompt(question, before_image)
 
-    def layout(self, question: str) -> PromptLayout:
-        return prompt_layout(self.model.tokenizer, self.render_prompt(question), question, self.model.config.image_token_id)
+    def layout(self, question: str, before_image: str = "") -> PromptLayout:
+        return prompt_layout(self.model.tokenizer, self.render_prompt(question, before_image), question,
+                             self.model.config.image_token_id)
 
-    def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False) -> PreparedBatch:
+    def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False,
+                before_image: str = "") -> PreparedBatch:
         """The CPU part of a forward (template, tokenizer, image resize); thread-safe, so
         extraction can prepare the next batch while the model runs this one."""
-        layout = self.layout(question)
+        layout = self.layout(question, before_image)
         # Same question and a fixed number of image tokens for every sample: no padding.
         ids = torch.tensor([layout.ids], dtype=torch.long)
         if image_only:

@@ -105,15 +105,16 @@ class HFAdapter(PreparingAdapter):
             **({"max_pixels": self.processor_kwargs["max_pixels"]} if "max_pixels" in self.processor_kwargs else {}),
         }
 
-    def render_prompt(self, question: str) -> str:
-        return render_prompt(self.processor, question)
+    def render_prompt(self, question: str, before_image: str = "") -> str:
+        return render_prompt(self.processor, question, before_image)
 
-    def layout(self, question: str) -> PromptLayout:
+    def layout(self, question: str, before_image: str = "") -> PromptLayout:
         """The layout of the processor's ids for one (grey) image: positions counted from the
         end hold for any image, and the tokens before the image run do not depend on it."""
-        rendered = self.render_prompt(question)  # the key: the template may change under the adapter
+        rendered = self.render_prompt(question, before_image)  # the key: the template may change under the adapter
         if rendered not in self._layouts:
-            ids = build_inputs(self.processor, [LAYOUT_IMAGE], question, nested=self.nested_images)["input_ids"][0]
+            ids = build_inputs(self.processor, [LAYOUT_IMAGE], question, nested=self.nested_images,
+                               before_image=before_image)["input_ids"][0]
             self._layouts[rendered] = expanded_layout(self.processor.tokenizer, rendered, question, ids.tolist(), self.image_token_id)
         return self._layouts[rendered]
 
@@ -205,13 +206,14 @@ class HFAdapter(PreparingAdapter):
         return HFPrefixRun(self, out.past_key_values, prefix["attention_mask"], positions[..., -1:],
                            "mm_token_type_ids" in prefix, shared, [t[:, shared:] for t in ids])
 
-    def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False) -> Prepared:
+    def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False,
+                before_image: str = "") -> Prepared:
         """The CPU part of a forward (chat template, tokenizer, image processor); thread-safe,
         so extraction can prepare the next batch while the model runs this one. image_only:
         every per-token input is cut after the last image token (left padding puts it at the
         same column in every row: the text after it is the same for all)."""
-        inputs = build_inputs(self.processor, images, question, nested=self.nested_images)
-        layout = self.layout(question)
+        inputs = build_inputs(self.processor, images, question, nested=self.nested_images, before_image=before_image)
+        layout = self.layout(question, before_image)
         if not image_only:
             return Prepared(inputs, layout.from_end(layout.question_last))
         keep = inputs["input_ids"].shape[1] - layout.from_end(layout.image_last)
