@@ -19,6 +19,8 @@ from stagelens.builders import PIPELINE_TINY_RECIPES
 from stagelens.spec import ModelSpec
 from stagelens.adapters.base import ANSWER_WORDS
 from stagelens.store import read_metadata, read_vectors
+from stagelens.adapters.layers import find_decoder_layers
+from stagelens.prompts import build_inputs
 
 CFG = {"dtype": "float32", "device": "cpu", "revision": "main"}
 
@@ -151,17 +153,17 @@ class _FailingAdapter:
         self.adapter, self.fail_at, self.calls = adapter, fail_at, 0
         self.info = adapter.info
 
-    def render_prompt(self, question):
-        return self.adapter.render_prompt(question)
+    def render_prompt(self, *args):
+        return self.adapter.render_prompt(*args)
 
-    def layout(self, question):
-        return self.adapter.layout(question)
+    def layout(self, *args):
+        return self.adapter.layout(*args)
 
-    def forward(self, *args):
+    def forward(self, *args, **kw):
         self.calls += 1
         if self.calls == self.fail_at:
             raise RuntimeError("simulated failure mid-way")
-        return self.adapter.forward(*args)
+        return self.adapter.forward(*args, **kw)
 
 
 def test_failure_mid_way_leaves_no_output(adapters, samples, tmp_path):
@@ -247,14 +249,14 @@ class _ForwardOnly:
     def __init__(self, adapter):
         self.adapter, self.info = adapter, adapter.info
 
-    def render_prompt(self, question):
-        return self.adapter.render_prompt(question)
+    def render_prompt(self, *args):
+        return self.adapter.render_prompt(*args)
 
-    def layout(self, question):
-        return self.adapter.layout(question)
+    def layout(self, *args):
+        return self.adapter.layout(*args)
 
-    def forward(self, *args):
-        return self.adapter.forward(*args)
+    def forward(self, *args, **kw):
+        return self.adapter.forward(*args, **kw)
 
     def forward_image(self, *args):
         return self.adapter.forward_image(*args)
@@ -286,3 +288,50 @@ def test_prompt_with_text_before_the_image_is_refused(adapters, samples, tmp_pat
     finally:
         adapter.processor.chat_template = template
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def hidden_image_means(adapter, image, question: str, before_image: str = "") -> np.ndarray:
+    """(L + 1, width) mean over the image tokens per layer from one plain forward with
+    output_hidden_states (the last block's pre-norm output by a hook of its own), in float64."""
+    inputs = adapter.build_inputs([image], question) if not before_image else (
+        build_inputs(adapter.processor, [image], question, before_image=before_image).to(torch.float32))
+    kept = {}
+    handle = find_decoder_layers(adapter.model)[-1].register_forward_hook(
+        lambda _m, _a, out: kept.setdefault("h", (out[0] if isinstance(out, tuple) else out).detach().clone()))
+    try:
+        with torch.no_grad():
+            out = adapter.model(**adapter.model_kwargs(inputs), output_hidden_states=True, use_cache=False)
+    finally:
+        handle.remove()
+    mask = inputs["input_ids"][0] == adapter.image_token_id
+    states = [*out.hidden_states[:-1], kept["h"]]
+    return np.stack([h[0][mask].double().mean(0).numpy() for h in states])
+
+
+BEFORE = {**PROMPT, "id": "look_first", "family": "lexical", "before_image": "Look at this photo. "}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_prompt_with_text_before_the_image_reads_its_own_image_tokens(adapters, samples, tmp_path, recipe):
+    """A prompt with before_image keeps image_mean in its own files, equal to an independent full
+    forward of that prompt (fp32, 1e-5) and unlike the image pass's past layer 0 (the image tokens
+    see the text); a prompt without it matches the image pass."""
+    adapter = adapters[recipe]
+    emb, _ = run(adapter, samples, tmp_path / "before", prompt=BEFORE, num_layers=4, batch_size=4)
+    image_emb = run_image(adapter, samples, tmp_path, batch_size=4, num_layers=4)
+    rendered = adapter.render_prompt(BEFORE["text"], BEFORE["before_image"])
+    assert rendered.index("Look at this photo. ") < rendered.index("<image>" if "llava" in recipe else "<|vision_start|>")
+    meta = read_metadata(emb[0])
+    assert meta["positions"] == ["last", "question_last", "image_mean"] and meta["rendered_prompt"] == rendered
+    assert meta["prompt_before_image"] == BEFORE["before_image"]
+    images = [Image.open(s.path).convert("RGB") for s in samples[:3]]
+    own = np.stack([hidden_image_means(adapter, im, BEFORE["text"], BEFORE["before_image"]) for im in images], axis=1)
+    plain = np.stack([hidden_image_means(adapter, im, PROMPT["text"]) for im in images], axis=1)
+    for layer, (path, image_path) in enumerate(zip(emb, image_emb)):
+        got, shared = read_vectors(path, "image_mean")[2][:3], read_vectors(image_path, "image_mean")[2][:3]
+        np.testing.assert_allclose(got, own[layer], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(shared, plain[layer], atol=1e-5, rtol=1e-5)
+        if layer == 0:  # input embeddings: no attention yet, so the text before cannot show
+            np.testing.assert_allclose(got, shared, atol=1e-5, rtol=1e-5)
+        else:
+            assert np.abs(got - shared).max() > 1e-3, layer

@@ -198,6 +198,21 @@ def test_prompt_uses_the_real_chat_templates(adapters):
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "<|vision_start|><|image_pad|><|vision_end|>Is it?<|im_end|>\n<|im_start|>assistant\n"
     )
+    # Text before the image goes verbatim right before the image's rendering, also where the
+    # template renders every image before every text of a [text, image, text] content list.
+    assert adapters["tiny-llava"].render_prompt(q, "Look. ") == "USER: Look. <image>\nIs it? ASSISTANT:"
+    assert adapters["tiny-llava-next"].render_prompt(q, "Look.") == (
+        "<|start_header_id|>user<|end_header_id|>\n\nLook.<image>\nIs it?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    qwen = adapters["tiny-qwen2-vl"]
+    assert qwen.render_prompt(q, "Look.") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "Look.<|vision_start|><|image_pad|><|vision_end|>Is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # Qwen2-VL's template keeps the content order: the same text as its own [text, image, text] render.
+    ordered = [{"role": "user", "content": [{"type": "text", "text": "Look."}, {"type": "image"}, {"type": "text", "text": q}]}]
+    assert qwen.render_prompt(q, "Look.") == qwen.processor.apply_chat_template(ordered, add_generation_prompt=True, tokenize=False)
 
 
 def test_inputs_left_padded_with_one_bos(adapters, image_rows):

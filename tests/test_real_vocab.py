@@ -213,18 +213,19 @@ class PaperModel:
     last_token_text: str
     answer_ids: dict[str, int]  # the token the model emits first when answering with the word
 
-    def rendered(self, question: str) -> str:
-        """The prompt text of the real chat template, written out by hand."""
+    def rendered(self, question: str, before_image: str = "") -> str:
+        """The prompt text of the real chat template, written out by hand (before_image: the
+        text right before the image)."""
         if self.name == "llava-1.5-7b":
-            return f"USER: <image>\n{question} ASSISTANT:"
+            return f"USER: {before_image}<image>\n{question} ASSISTANT:"
         if self.name == "llava-next-llama3-8b":
             return (
-                "<|start_header_id|>user<|end_header_id|>\n\n<image>\n"
+                f"<|start_header_id|>user<|end_header_id|>\n\n{before_image}<image>\n"
                 f"{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
             )
         return (
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-            f"<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+            f"{before_image}<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
         )
 
     def image_tokens(self, width: int, height: int) -> int:
@@ -548,6 +549,31 @@ def test_paper_prompts_share_the_image_pass_tokens(name, tokenizers):
     text_first = question + "\n" + model.rendered(question)
     problem = shared_image_prefix_problem(prompt_layout(tok, text_first, question, model.image_token_id), reference, tok)
     assert problem is not None and "differ from the image pass's from token" in problem
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MODELS))
+def test_text_before_the_image_lies_before_the_image_run(name, processors, tokenizers):
+    """A prompt's before_image text in the real templates (LLaVA-1.5's and LLaVA-NeXT's render
+    every image before every text of a content list): right before the image, in the user turn;
+    its image prefix differs from the image pass's; the question and question_last as without it."""
+    model, processor, tok = PAPER_MODELS[name], processors[name], tokenizers[name]
+    question, before = paper_prompts()[0]["text"], "Look at this photo. "
+    rendered = render_prompt(processor, question, before)
+    assert rendered == model.rendered(question, before)
+    ids = build_inputs(processor, [photo(500, 375)], question, before_image=before)["input_ids"][0].tolist()
+    collapsed, start, length = collapse_image_run(ids, model.image_token_id)
+    assert collapsed == tok(rendered)["input_ids"] and length == model.image_tokens(500, 375)
+    assert tok.decode(collapsed[:start]).rstrip().removesuffix("<|vision_start|>").rstrip().endswith(before.strip())
+    layout = expanded_layout(tok, rendered, question, ids, model.image_token_id)
+    plain_ids = build_inputs(processor, [photo(500, 375)], question)["input_ids"][0].tolist()
+    plain = expanded_layout(tok, model.rendered(question), question, plain_ids, model.image_token_id)
+    reference = prompt_layout(tok, model.rendered(IMAGE_PASS_QUESTION), IMAGE_PASS_QUESTION, model.image_token_id)
+    assert shared_image_prefix_problem(prompt_layout(tok, rendered, question, model.image_token_id), reference, tok)
+    assert shared_image_prefix_problem(prompt_layout(tok, model.rendered(question), question, model.image_token_id),
+                                       reference, tok) is None
+    assert layout.from_end(layout.question_last) == plain.from_end(plain.question_last)
+    assert tok.decode(ids[layout.question_last + 1:]).strip() == AFTER_QUESTION[name].strip()
+    assert len(ids) - len(plain_ids) == len(tok(rendered)["input_ids"]) - len(tok(model.rendered(question))["input_ids"]) > 0
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_MODELS))
