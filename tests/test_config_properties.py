@@ -131,6 +131,7 @@ def valid_configs(draw) -> dict:
     declared = cfg["prompts"].get("families", [])
     families = st.sampled_from([*BUILTIN_FAMILIES, *declared])
     cfg["prompts"]["anchor"]["family"] = draw(families) if "family" in cfg["prompts"]["anchor"] else "anchor"
+    cfg["prompts"]["anchor"].pop("before_image", None)  # the anchor's image tokens are the image pass's
     if cfg["prompts"]["anchor"]["id"].casefold() == IMAGE_PASS:
         cfg["prompts"]["anchor"]["id"] += "_0"  # reserved: the image pass writes under that name
     ids = {cfg["prompts"]["anchor"]["id"].casefold(), IMAGE_PASS}
@@ -140,7 +141,8 @@ def valid_configs(draw) -> dict:
             variant["id"] += f"_{i}"
         ids.add(variant["id"].casefold())
     if cfg.get("patching", {}).get("variants"):
-        known = [v["id"] for v in cfg["prompts"].get("variants", [])]
+        # patching shares the image tokens with the anchor's: no variant with text before the image
+        known = [v["id"] for v in cfg["prompts"].get("variants", []) if not v.get("before_image")]
         cfg["patching"]["variants"] = known[: len(cfg["patching"]["variants"])] or None
     models, seen = {}, set()
     for name, model in cfg["models"].items():
@@ -281,11 +283,19 @@ def cross_field_break(cfg: dict, which: str) -> tuple[dict, str, str]:
     if which == "unknown patching variant":
         cfg.setdefault("patching", {})["variants"] = [prompts["anchor"]["id"]]
         return cfg, "patching.variants[0]", "is not a variant id"
+    if which == "text before the anchor's image":
+        prompts["anchor"]["before_image"] = "Look. "
+        return cfg, "prompts.anchor.before_image", "the anchor's image tokens are the image pass's"
+    if which == "patching a variant with text before the image":
+        variants.append({"id": "zz_look_first", "family": "control", "text": "q", "expected": "no", "before_image": "Look. "})
+        cfg.setdefault("patching", {})["variants"] = ["zz_look_first"]
+        return cfg, "patching.variants[0]", "has text before the image"
     raise AssertionError(which)
 
 
 CROSS_FIELD = ("unknown family", "case collision", "recipe and path", "layer too deep", "half vectors of a float32 model",
-               "image positions only", "reserved prompt id", "unknown patching variant")
+               "image positions only", "reserved prompt id", "unknown patching variant", "text before the anchor's image",
+               "patching a variant with text before the image")
 
 
 def assert_names_key(cfg: dict, key: str, text: str) -> str:
