@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stagelens.config import ConfigError, all_prompts, enabled_models, load_config, read_schema
+from stagelens.config import ConfigError, all_prompts, enabled_models, load_config, patched_variants, read_schema
 from stagelens.spec import model_layers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +67,7 @@ def test_defaults_are_filled_as_documented():
         "enabled": True,
     }
     assert cfg["prompts"]["anchor"]["family"] == "anchor"
+    assert cfg["prompts"]["anchor"]["before_image"] == cfg["prompts"]["variants"][0]["before_image"] == ""
     assert cfg["probe"] == {"cv_folds": 5, "Cs": [0.001, 0.01, 0.1, 1.0, 10.0], "max_iter": 1000, "tol": 1e-4,
                             "solver": "torch", "device": "cpu"}
     assert cfg["evaluate"] == {"n_bootstrap": 1000, "ci": 0.95}
@@ -216,6 +217,15 @@ def test_helpers_follow_the_config():
     assert model_layers(cfg["models"]["tiny-llava"]) == [0, 1, 2]
     assert model_layers(cfg["models"]["some"]) == [0, 2, 5]
     assert [p["id"] for p in all_prompts(cfg)] == ["anchor", "neg"]
+
+
+def test_patching_skips_variants_with_text_before_the_image():
+    """By default every variant is patched but those with before_image (they share no image
+    tokens with the anchor, and patching runs those once)."""
+    look = {"id": "look", "family": "lexical", "text": "Does this image show an animal?", "expected": "yes",
+            "before_image": "Look at this photo. "}
+    cfg = load(mutated(lambda c: (c["prompts"]["variants"].append(look), c.update(patching={"enabled": True}))))
+    assert [v["id"] for v in patched_variants(cfg)] == ["neg"]
 
 
 def _schema_keys(schema: dict, defs: dict) -> set[str]:

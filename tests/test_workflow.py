@@ -25,6 +25,8 @@ CLASSES = ("circle", "square", "stripes")
 ANCHOR = {"id": "anchor", "text": "Does this image show an animal? The answer must be always yes or no.", "expected": "yes"}
 LEXICAL = {"id": "lex_picture", "family": "lexical", "text": "Does this picture show an animal? The answer must be always yes or no.", "expected": "yes"}
 NEGATION = {"id": "neg_plane", "family": "negation", "text": "Does this image show a plane? The answer must be always yes or no.", "expected": "no"}
+# Text before the image: its image tokens see it, so they are read and evaluated per prompt.
+LOOK = {**ANCHOR, "id": "look_first", "family": "control", "before_image": "Look at this photo. "}
 
 
 def synthetic_image(kind: str, rng: np.random.Generator) -> Image.Image:
@@ -105,22 +107,38 @@ def dry_run(workdir: Path, cfg: dict, name: str = "config.yaml") -> dict[str, in
     return job_counts(snakemake(workdir, write_config(workdir, cfg, name), "--dry-run", "--quiet", "rules"))
 
 
-def expected_analysis(layers_by_model: dict[str, int], n_prompts: int) -> dict[str, int]:
+def planned_jobs(workdir: Path, cfg: dict, name: str = "config.yaml") -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a dry run plans, from Snakemake's job listing."""
+    result = snakemake(workdir, write_config(workdir, cfg, name), "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = []
+    for line in (result.stdout + result.stderr).splitlines():
+        if match := re.match(r"^(?:local)?rule (\S+):$", line):
+            jobs.append((match.group(1), {}))
+        elif (match := re.match(r"^\s+wildcards: (.*)$", line)) and jobs:
+            jobs[-1][1].update(part.split("=", 1) for part in match.group(1).split(", "))
+    return jobs
+
+
+def expected_analysis(layers_by_model: dict[str, int], n_prompts: int, n_before_image: int = 0) -> dict[str, int]:
     """Jobs of the analysis rules for models new to a run (the cross-model panel is always redone);
-    every model here keeps image_mean (the default), probed and evaluated once per layer."""
+    every model here keeps image_mean (the default), probed and evaluated once per layer, and
+    once per layer for each prompt with text before the image."""
     n_layers = sum(layers_by_model.values())
     return {
         "train_probe": n_layers,
         "evaluate": n_layers * n_prompts,
         "train_image_probe": n_layers,
         "evaluate_image": n_layers,
+        "evaluate_prompt_image": n_layers * n_before_image,
         "aggregate": len(layers_by_model),
         "figures": len(layers_by_model),
         "depth_panel": 1,
     }
 
 
-ANALYSIS_RULES = ("train_probe", "evaluate", "train_image_probe", "evaluate_image", "aggregate", "figures", "depth_panel")
+ANALYSIS_RULES = ("train_probe", "evaluate", "train_image_probe", "evaluate_image", "evaluate_prompt_image", "aggregate",
+                  "figures", "depth_panel")
 
 
 def analysis_part(counts: dict[str, int]) -> dict[str, int]:
@@ -139,6 +157,19 @@ def test_dry_run_schedules_one_pass_per_split_and_prompt(images, tmp_path):
     assert counts["image_pass_tiny_llava"] == 2  # the image tokens once per split, for every prompt
     assert counts["all"] == 1
     assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3)
+
+
+def test_text_before_the_image_schedules_its_own_image_evaluation(images, tmp_path):
+    """A prompt with before_image: its extraction (which keeps its image tokens) and one image-token
+    evaluation per layer, its own; the other prompts keep the shared image pass."""
+    jobs = planned_jobs(tmp_path, tiny_config(images, variants=(LEXICAL, LOOK)))
+    own = sorted(int(w["layer"]) for rule, w in jobs if rule == "evaluate_prompt_image" and w["prompt"] == LOOK["id"])
+    assert own == [0, 1, 2] and len([rule for rule, _ in jobs if rule == "evaluate_prompt_image"]) == 3
+    assert sorted(w["split"] for rule, w in jobs if rule == "image_pass_tiny_llava") == ["test", "train"]
+    extracted = sorted((w["split"], w["prompt"]) for rule, w in jobs if rule == "extract_tiny_llava")
+    assert extracted == [("test", "anchor"), ("test", LEXICAL["id"]), ("test", LOOK["id"]), ("train", "anchor")]
+    counts = {rule: [r for r, _ in jobs].count(rule) for rule, _ in jobs}
+    assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3, n_before_image=1)
 
 
 def test_configfile_replaces_the_default_config(images, tmp_path):
@@ -229,7 +260,7 @@ def test_shipped_config_dry_run(name, tmp_path):
 def finished_run(images, tmp_path_factory):
     """The tiny config run to the end once; later tests plan changes against it."""
     workdir = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(images)
+    cfg = tiny_config(images, variants=(LEXICAL, LOOK))
     result = snakemake(workdir, write_config(workdir, cfg), "--cores", "2")
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     return workdir, cfg
@@ -241,7 +272,7 @@ def test_run_writes_the_documented_files(finished_run):
     res = workdir / "results"
     assert (res / "data" / "manifest.parquet").is_file()
     assert (res / "models" / "tiny-llava" / "config.json").is_file()
-    for split, prompt in [("train", "anchor"), ("test", "anchor"), ("test", "lex_picture")]:
+    for split, prompt in [("train", "anchor"), ("test", "anchor"), ("test", "lex_picture"), ("test", "look_first")]:
         for layer in (0, 1, 2):
             assert (res / "tiny-llava" / "embeddings" / split / prompt / f"layer{layer}.parquet").is_file()
         assert (res / "tiny-llava" / "answers" / split / f"{prompt}.parquet").is_file()
@@ -256,6 +287,9 @@ def test_run_writes_the_documented_files(finished_run):
         assert pq.read_schema(res / "tiny-llava" / "embeddings" / split / "anchor" / "layer0.parquet").names == [
             "sample_id", "label", "last"]
         assert (workdir / "logs" / "image_pass_tiny-llava" / f"{split}.log").is_file()
+    # text before the image: that prompt's own files hold its image tokens
+    assert pq.read_schema(res / "tiny-llava" / "embeddings" / "test" / "look_first" / "layer0.parquet").names == [
+        "sample_id", "label", "last", "image_mean"]
     for log in ("prepare_dataset.log", "build_model/tiny-llava.log"):
         assert (workdir / "logs" / log).is_file()
         assert (workdir / "benchmarks" / log.replace(".log", ".tsv")).is_file()
@@ -266,18 +300,28 @@ def test_run_writes_the_documented_files(finished_run):
         assert (res / "tiny-llava" / "probes" / "control" / f"layer{layer}.safetensors").is_file()
         assert (res / "tiny-llava" / "probes" / "image" / f"layer{layer}.safetensors").is_file()
         assert (res / "tiny-llava" / "probes" / "image" / "control" / f"layer{layer}.safetensors").is_file()
-        for prompt in ("anchor", "lex_picture", "image"):
+        for prompt in ("anchor", "lex_picture", "look_first", "image"):
             assert (res / "tiny-llava" / "metrics" / prompt / f"layer{layer}.parquet").is_file()
+        assert (res / "tiny-llava" / "metrics" / "look_first" / f"image_layer{layer}.parquet").is_file()
     metrics = pq.read_table(res / "tiny-llava" / "metrics.parquet").to_pylist()
     assert {(r["readout"], r["position"]) for r in metrics} == {("prompt", "last"), ("image", "image_mean")}
-    assert all(r["drop"] is None for r in metrics if r["readout"] == "image")
-    assert len([r for r in metrics if r["readout"] == "image"]) == 3  # once per layer, not per prompt
+    image_rows = [r for r in metrics if r["readout"] == "image"]
+    # the image pass once per layer (no drop: no prompt moves it), and the prompt with text before
+    # the image once per layer, paired with it (a drop of its own)
+    assert sorted((r["prompt"], r["layer"]) for r in image_rows) == [(p, layer) for p in ("image", "look_first") for layer in (0, 1, 2)]
+    assert all((r["drop"] is None) == (r["prompt"] == "image") for r in image_rows)
+    pass_rows = {r["layer"]: r for r in image_rows if r["prompt"] == "image"}
+    for row in (r for r in image_rows if r["prompt"] == "look_first"):
+        # paired with the image pass: the accuracy moved by the drop (the same test images, the same probe)
+        assert row["anchor_accuracy"] == pytest.approx(pass_rows[row["layer"]]["accuracy"])
+        assert row["drop"] == pytest.approx(row["anchor_accuracy"] - row["accuracy"])
     stages = pq.read_table(res / "tiny-llava" / "stages.parquet").to_pylist()
     assert {r["position"] for r in stages} == {"last"}
     # The answer readout per prompt x layer; at the last layer it is the model's own answer (the
     # behaviour table reads the answers files, the readout table the readout files).
     readout = pq.read_table(res / "tiny-llava" / "answer_readout.parquet").to_pylist()
-    assert sorted((r["prompt"], r["layer"]) for r in readout) == [(p, layer) for p in ("anchor", "lex_picture") for layer in (0, 1, 2)]
+    assert sorted((r["prompt"], r["layer"]) for r in readout) == [
+        (p, layer) for p in ("anchor", "lex_picture", "look_first") for layer in (0, 1, 2)]
     behaviour = {r["prompt"]: r for r in pq.read_table(res / "tiny-llava" / "behaviour.parquet").to_pylist()}
     for row in (r for r in readout if r["layer"] == 2):
         assert row["mean_p_yes"] == pytest.approx(behaviour[row["prompt"]]["mean_p_yes"], abs=1e-5)
@@ -321,15 +365,30 @@ def test_adding_a_variant_costs_only_its_jobs(finished_run):
 
 
 @pytest.mark.slow
+def test_adding_a_variant_with_text_before_the_image_costs_only_its_jobs(finished_run):
+    """Its extraction and its evaluations (the prompt's and the image tokens'), nothing of another
+    prompt's: no image pass, no probe retrained."""
+    workdir, cfg = finished_run
+    look_again = {**LOOK, "id": "look_again", "before_image": "Here is a photo:\n"}
+    grown = {**cfg, "prompts": {**cfg["prompts"], "variants": [*cfg["prompts"]["variants"], look_again]}}
+    jobs = planned_jobs(workdir, grown, "grown-before-image.yaml")
+    assert {w["prompt"] for _, w in jobs if "prompt" in w} == {"look_again"}
+    assert sorted((rule, w.get("split", w.get("layer"))) for rule, w in jobs if rule not in ("aggregate", "figures", "depth_panel", "all")) == [
+        ("evaluate", "0"), ("evaluate", "1"), ("evaluate", "2"),
+        ("evaluate_prompt_image", "0"), ("evaluate_prompt_image", "1"), ("evaluate_prompt_image", "2"),
+        ("extract_tiny_llava", "test")]
+
+
+@pytest.mark.slow
 def test_adding_a_model_costs_only_its_jobs(finished_run):
     workdir, cfg = finished_run
     models = {**cfg["models"], "tiny-qwen2-vl": {"recipe": "tiny-qwen2-vl", "num_layers": 2, "device": "cpu"}}
     counts = dry_run(workdir, {**cfg, "models": models}, "two-models.yaml")
     assert counts.pop("build_model") == 1
-    assert counts.pop("extract_tiny_qwen2_vl") == 1 + 2
+    assert counts.pop("extract_tiny_qwen2_vl") == 1 + 3
     assert counts.pop("image_pass_tiny_qwen2_vl") == 2
     # Only the new model's probes, evaluations, tables and figures, plus the cross-model panel.
-    assert counts == {**expected_analysis({"tiny-qwen2-vl": 3}, 2), "all": 1}
+    assert counts == {**expected_analysis({"tiny-qwen2-vl": 3}, 3, n_before_image=1), "all": 1}
 
 
 @pytest.mark.slow
@@ -389,9 +448,10 @@ def test_summary_names_the_best_layers_and_answers(finished_run):
     from stagelens.summary import answer_leads_from
 
     readout = pl.read_parquet(workdir / "results" / "tiny-llava" / "answer_readout.parquet")
-    onsets = [answer_leads_from(readout.filter(pl.col("prompt") == p)) for p in ("anchor", "lex_picture")]
+    prompts = ("anchor", "lex_picture", "look_first")
+    onsets = [answer_leads_from(readout.filter(pl.col("prompt") == p)) for p in prompts]
     assert "expected answer leads the readout from layer: " + ", ".join(
-        f"{p} {'-' if o is None else o}/2" for p, o in zip(("anchor", "lex_picture"), onsets)) in text
+        f"{p} {'-' if o is None else o}/2" for p, o in zip(prompts, onsets)) in text
     assert "stages (last):" in text and text.endswith("Report: report.html")
 
 
