@@ -129,6 +129,32 @@ def test_drop_heatmap_encodes_drop_per_layer_and_prompt(tmp_path):
     assert sum(r["significant"] for r in rows) == 2 * 2  # negation at layers 3, 4 in both positions
 
 
+def _with_text_before_the_image(metrics: pl.DataFrame) -> pl.DataFrame:
+    """Plus the image-token rows of a prompt with text before the image (paired with the image
+    pass: a drop of its own, significant from the middle layer on)."""
+    own = metrics.filter(pl.col("prompt") == "image").with_columns(
+        pl.lit("look_first").alias("prompt"), pl.lit("control").alias("family"),
+        drop=pl.when(pl.col("layer") >= 2).then(0.2).otherwise(0.0),
+    ).with_columns(drop_ci_low=pl.col("drop") - 0.04, drop_ci_high=pl.col("drop") + 0.04,
+                   drop_p=pl.when(pl.col("drop") > 0).then(1e-6).otherwise(0.5), accuracy=0.8 - pl.col("drop"))
+    return pl.concat([metrics, own], how="diagonal_relaxed")
+
+
+def test_image_tokens_of_a_prompt_with_text_before_the_image_are_drawn_as_its_own(tmp_path):
+    """Its image-token curve beside the image pass's reference in every facet; its heatmap row in
+    an image_mean facet of its own (the image pass's rows never: they cannot move)."""
+    metrics = _with_text_before_the_image(_metrics("m", 4))
+    rows = list(_save_and_load(accuracy_chart(metrics, "m"), tmp_path, "accuracy")["datasets"].values())[0]
+    image = [r for r in rows if r["readout"] == "image"]
+    assert {r["series"] for r in image} == {"image tokens (image_mean)", "look_first (control), image tokens"}
+    assert {(r["position"], r["series"]) for r in image if r["prompt"] == "look_first"} == {
+        ("last", "look_first (control), image tokens"), ("question_last", "look_first (control), image tokens")}
+    rows = list(_save_and_load(drop_heatmap(metrics, "m", 0.05, 0.05), tmp_path, "heatmap")["datasets"].values())[0]
+    assert {r["series"] for r in rows if r["position"] == "image_mean"} == {"look_first (control), image tokens"}
+    assert sorted(r["layer"] for r in rows if r["position"] == "image_mean" and r["significant"]) == [2, 3, 4]
+    assert not [r for r in rows if r["series"].startswith("image tokens")]
+
+
 def test_answers_chart_stacks_answer_shares(tmp_path):
     spec = _save_and_load(answers_chart(_behaviour(), "m: answers"), tmp_path, "answers")
     units = {_mark(u): _fields(u) for u in _spec_layers(spec)}
