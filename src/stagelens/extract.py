@@ -2,10 +2,10 @@
 
 Two passes per model x split: `extract` runs one prompt and keeps the prompt-dependent
 positions (and the model's answers); `extract_image` runs the tokens up to the last image token
-once and keeps the image positions, which no prompt can change (every prompt renders to the same
-ids up to the last image token: checked per prompt, `image_prefix_problem`). A prompt that
-declares text before the image (`before_image`) changes its image tokens: its own pass keeps the
-image positions too.
+once and keeps the image positions, which no prompt without text before the image can change
+(every such prompt renders to the same ids up to the last image token: checked per prompt,
+`image_prefix_problem`). A prompt that declares text before the image (`before_image`) changes
+its image tokens: its own pass keeps the image positions too.
 One forward pass per batch yields all layers; each layer's vectors go to their own Parquet
 writer, the model's answer-word probabilities to the answers file, and (prompt pass) the answer
 readout per layer (the model's final norm and unembedding on each layer's last-token state,

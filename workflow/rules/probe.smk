@@ -95,7 +95,7 @@ rule train_image_probe:
 
 rule evaluate_image:
     """The image-token readout: frozen image probes on the image pass's test features (no drop:
-    no prompt can change them)."""
+    no prompt without text before the image can change them)."""
     input:
         probe=image_probe_path("{model}", "{layer}"),
         control=image_control_probe_path("{model}", "{layer}"),
