@@ -229,6 +229,28 @@ def test_image_pass_and_question_last_match_a_plain_forward(model, images):
         np.testing.assert_allclose(full.vectors["question_last"][slot], hidden[layer][:, end].numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_text_before_the_image_changes_the_image_tokens(model, images):
+    """before_image goes into the user turn right before the image placeholders; the image tokens
+    of that prompt are a plain forward's over its ids: as the image pass's at layer 0 (no attention
+    yet), different after it (they see the text)."""
+    adapter = adapter_for(model)
+    rendered = adapter.render_prompt(QUESTION, "Look. ")
+    assert "user\nLook. " + IMAGE_TOKEN * model.config.n_image_tokens + "\n" + QUESTION in rendered
+    layers = [0, 1, 2]
+    own = adapter.forward(images, QUESTION, layers, ["last", "image_mean"], before_image="Look. ")
+    shared = adapter.forward_image(images, layers)
+    batch = model.tokenizer(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"].repeat(len(images), 1)
+    with torch.no_grad():
+        hidden = model.lm(inputs_embeds=model.inputs_embeds(batch, model.pixel_values(images)),
+                          output_hidden_states=True).hidden_states
+    is_image = batch[0] == model.config.image_token_id
+    for slot, layer in enumerate(layers[:-1]):
+        np.testing.assert_allclose(own.vectors["image_mean"][slot], hidden[layer][:, is_image].mean(1).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(own.vectors["image_mean"][0], shared.vectors["image_mean"][0], rtol=1e-5, atol=1e-5)
+    assert np.abs(own.vectors["image_mean"][1:] - shared.vectors["image_mean"][1:]).max() > 1e-3
+
+
 def test_answer_tokens_are_the_words_themselves(tokenizer_template):
     ids = answer_token_ids(tokenizer_template)
     for word in ANSWER_WORDS:
