@@ -108,7 +108,12 @@ def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[Sequence[Sam
 
 
 def _run_batches(
-    adapter: ModelAdapter, samples: Sequence[Sample], batch_size: int, prompt: Mapping[str, str] | None, layers, positions
+    adapter: ModelAdapter,
+    samples: Sequence[Sample],
+    batch_size: int,
+    prompt: Mapping[str, str] | None,
+    layers,
+    positions,
 ) -> Iterator[tuple[Sequence[Sample], BatchVectors]]:
     """(batch, forward output) per batch; prompt None: the image pass.
 

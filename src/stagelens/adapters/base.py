@@ -100,7 +100,9 @@ class PreparingAdapter:
     processing; thread-safe) and `forward_prepared` (the model), so extraction can prepare the
     next batch while the model runs this one."""
 
-    def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False, before_image: str = "") -> Any:
+    def prepare(
+        self, images: Sequence[Image.Image], question: str, image_only: bool = False, before_image: str = ""
+    ) -> Any:
         """image_only: cut the sequence after the last image token (the image pass); before_image:
         text put right before the image (see ModelAdapter.render_prompt)."""
         raise NotImplementedError
