@@ -69,6 +69,8 @@ def gpu_and_disk(cfg: dict, tflops: float, all_models: bool) -> None:
           f"image pass: {images} images (train + test, once each)")
     print(f"{'model':<24}{'T':>6}{'TFLOP/img':>11}{'GPU h':>8}{'+image h':>9}{'GiB before':>11}{'GiB after':>10}")
     total_h = total_image_h = total_before = total_after = 0.0
+    # A prompt with text before the image keeps its own image positions on the test split.
+    own_image = sum(bool(v.get("before_image")) for v in cfg["prompts"].get("variants", [])) * (test // prompts)
     for name, m in cfg["models"].items():
         if not (m.get("enabled", True) or all_models):
             continue
@@ -83,7 +85,7 @@ def gpu_and_disk(cfg: dict, tflops: float, all_models: bool) -> None:
         n_image = sum(p in IMAGE_POSITIONS for p in positions)
         vector = layers * WIDTH[m["path"]] * nbytes
         before = passes * len(positions) * vector / GIB
-        after = (passes * (len(positions) - n_image) + images * n_image) * vector / GIB
+        after = (passes * (len(positions) - n_image) + (images + own_image) * n_image) * vector / GIB
         total_h, total_image_h = total_h + hours, total_image_h + (image_hours if n_image else 0.0)
         total_before, total_after = total_before + before, total_after + after
         print(f"{name:<24}{tokens:>6}{tflop:>11.1f}{hours:>8.2f}{image_hours if n_image else 0.0:>9.2f}"
