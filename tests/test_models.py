@@ -215,6 +215,21 @@ def test_prompt_uses_the_real_chat_templates(adapters):
     assert qwen.render_prompt(q, "Look.") == qwen.processor.apply_chat_template(ordered, add_generation_prompt=True, tokenize=False)
 
 
+class _TemplateWithoutImage:
+    """A processor whose template renders no image (PaliGemma's processor adds the image itself)."""
+
+    chat_template = "stand-in"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "".join(c["text"] for c in messages[0]["content"] if c["type"] == "text") + "\n"
+
+
+def test_text_before_an_image_the_template_does_not_render_is_a_clear_error():
+    assert render_prompt(_TemplateWithoutImage(), "Is it?") == "Is it?\n"
+    with pytest.raises(ValueError, match="cannot find where the image is rendered.*before_image is undefined"):
+        render_prompt(_TemplateWithoutImage(), "Is it?", "Look. ")
+
+
 def test_inputs_left_padded_with_one_bos(adapters, image_rows):
     adapter = adapters["tiny-llava-next"]  # image-token count varies with aspect: padding needed
     images = load_images(image_rows, 3)
