@@ -283,7 +283,8 @@ def test_prompt_with_text_before_the_image_is_refused(adapters, samples, tmp_pat
     template = adapter.processor.chat_template
     adapter.processor.chat_template = "{{ messages[0]['content'][1]['text'] }}\n" + template
     try:
-        with pytest.raises(ValueError, match=r"prompt 'anchor' under model 'tiny'.*differ from the image pass's"):
+        with pytest.raises(ValueError, match=r"prompt 'anchor' under model 'tiny'.*differ from the image pass's.*"
+                           r"declare it with the prompt's `before_image` key"):
             run(adapter, samples, tmp_path, layers=[0])
     finally:
         adapter.processor.chat_template = template
