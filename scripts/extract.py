@@ -23,5 +23,6 @@ if hasattr(smk.params, "prompt"):  # extract_<model>; image_pass_<model> has no 
     summary = extract(adapter, spec, samples, dict(smk.params.prompt), embeddings, smk.output.answers, split=split,
                       readout_path=smk.output.answer_readout)
 else:
-    summary = extract_image(adapter, spec, samples, embeddings, split=split)
-print(f"wrote {summary['rows']} rows x {len(summary['layers'])} layers in {summary['seconds']:.1f} s", file=sys.stderr)
+    summary = extract_image(adapter, spec, samples, embeddings, split=split, vision_paths=list(smk.output.get("vision", [])))
+print(f"wrote {summary['rows']} rows x {len(summary['layers'])} layers (+ {len(summary['vision_layers'])} vision "
+      f"layers) in {summary['seconds']:.1f} s", file=sys.stderr)

@@ -120,3 +120,24 @@ def test_answer_leads_from_the_first_layer_of_the_last_positive_run():
     assert leads([-1.0, 0.5, -0.2, 0.1, 0.3]) == 3  # the early positive layer does not count: it is lost again
     assert leads([0.2, 0.1, 0.4]) == 0
     assert leads([0.2, 0.1, -0.4]) is None and leads([0.0]) is None
+
+
+def test_vision_metrics_table_orders_rows_with_the_encoders_depth():
+    from stagelens.aggregate import fit_table, vision_metrics_table
+
+    def row(position, layer, readout="vision", num_layers=8):
+        return pl.DataFrame([{"model": "m", "readout": readout, "position": position, "layer": layer,
+                              "num_layers": num_layers, "prompt": "vision", "accuracy": 0.1 * layer}])
+
+    rows = [row(p, v) for v in (8, 0, 4) for p in ("patch_mean",)]
+    fits = fit_table([{"input": {"layer": v}, "fit": {"patch_mean": {"converged": True, "n_iter": 3}}} for v in (0, 4, 8)],
+                     [{"input": {"layer": v}, "fit": {"patch_mean": {"converged": v != 4, "n_iter": 5}}} for v in (0, 4, 8)])
+    table = vision_metrics_table(rows, "m", fits)
+    assert table["layer"].to_list() == [0, 4, 8] and table["depth"].to_list() == [0.0, 0.5, 1.0]
+    assert table["control_converged"].to_list() == [True, False, True]
+    with pytest.raises(ValueError, match="readout"):
+        vision_metrics_table([*rows, row("last", 1, readout="prompt")], "m")
+    with pytest.raises(ValueError, match="num_layers"):
+        vision_metrics_table([*rows, row("patch_mean", 1, num_layers=24)], "m")
+    with pytest.raises(ValueError, match="duplicate"):
+        vision_metrics_table([*rows, row("patch_mean", 4)], "m")

@@ -61,6 +61,8 @@ def test_defaults_are_filled_as_documented():
         "batch_size": 4,
         "layers": None,
         "positions": ["last", "image_mean"],
+        "vision_num_layers": None,
+        "vision_layers": None,
         "max_pixels": None,
         "projector": "train",
         "trust_remote_code": False,

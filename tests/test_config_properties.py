@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stagelens.config import BUILTIN_FAMILIES, ConfigError, key_path, load_config, read_schema, rule_suffix, validate_config
-from stagelens.positions import IMAGE_PASS, IMAGE_POSITIONS, PROMPT_POSITIONS
+from stagelens.positions import IMAGE_PASS, IMAGE_POSITIONS, PROMPT_POSITIONS, VISION_PASS
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -132,9 +132,9 @@ def valid_configs(draw) -> dict:
     families = st.sampled_from([*BUILTIN_FAMILIES, *declared])
     cfg["prompts"]["anchor"]["family"] = draw(families) if "family" in cfg["prompts"]["anchor"] else "anchor"
     cfg["prompts"]["anchor"].pop("before_image", None)  # the anchor's image tokens are the image pass's
-    if cfg["prompts"]["anchor"]["id"].casefold() == IMAGE_PASS:
-        cfg["prompts"]["anchor"]["id"] += "_0"  # reserved: the image pass writes under that name
-    ids = {cfg["prompts"]["anchor"]["id"].casefold(), IMAGE_PASS}
+    if cfg["prompts"]["anchor"]["id"].casefold() in (IMAGE_PASS, VISION_PASS):
+        cfg["prompts"]["anchor"]["id"] += "_0"  # reserved: the image pass writes under those names
+    ids = {cfg["prompts"]["anchor"]["id"].casefold(), IMAGE_PASS, VISION_PASS}
     for i, variant in enumerate(cfg["prompts"].get("variants", [])):
         variant["family"] = draw(families)
         while variant["id"].casefold() in ids:
@@ -158,6 +158,13 @@ def valid_configs(draw) -> dict:
             model.pop("vector_dtype", None)
         if model.get("positions") and not set(model["positions"]) & set(PROMPT_POSITIONS):
             model["positions"].append(PROMPT_POSITIONS[0])  # image positions alone leave nothing per prompt
+        if model.get("vision_num_layers") is None:
+            model.pop("vision_layers", None)  # vision layers need the encoder's block count
+        else:
+            if model.get("vision_layers"):
+                model["vision_layers"] = sorted({min(v, model["vision_num_layers"]) for v in model["vision_layers"]})
+            if model.get("positions") and "image_mean" not in model["positions"]:
+                model["positions"].append("image_mean")  # the vision tower is read by the image pass
         models[name] = model
     next(iter(models.values()))["enabled"] = True
     cfg["models"] = models
@@ -277,6 +284,15 @@ def cross_field_break(cfg: dict, which: str) -> tuple[dict, str, str]:
     if which == "image positions only":
         model["positions"] = list(IMAGE_POSITIONS)
         return cfg, f"models.{name}.positions", "needs at least one prompt-dependent position"
+    if which == "vision layer too deep":
+        model.update(vision_num_layers=2, vision_layers=[3], positions=["last", "image_mean"])
+        return cfg, f"models.{name}.vision_layers[0]", "is outside 0..2"
+    if which == "vision layers without image_mean":
+        model.update(vision_num_layers=2, vision_layers=None, positions=["last"])
+        return cfg, f"models.{name}.vision_num_layers", "add image_mean"
+    if which == "vision layers without their count":
+        model.update(vision_num_layers=None, vision_layers=[0])
+        return cfg, f"models.{name}.vision_layers", "needs vision_num_layers"
     if which == "reserved prompt id":
         variants.append({"id": IMAGE_PASS, "family": "control", "text": "q", "expected": "no"})
         return cfg, f"prompts.variants[{len(variants) - 1}].id", "is reserved"
@@ -295,7 +311,8 @@ def cross_field_break(cfg: dict, which: str) -> tuple[dict, str, str]:
 
 CROSS_FIELD = ("unknown family", "case collision", "recipe and path", "layer too deep", "half vectors of a float32 model",
                "image positions only", "reserved prompt id", "unknown patching variant", "text before the anchor's image",
-               "patching a variant with text before the image")
+               "patching a variant with text before the image", "vision layer too deep", "vision layers without image_mean",
+               "vision layers without their count")
 
 
 def assert_names_key(cfg: dict, key: str, text: str) -> str:

@@ -251,6 +251,33 @@ def test_text_before_the_image_changes_the_image_tokens(model, images):
     assert np.abs(own.vectors["image_mean"][1:] - shared.vectors["image_mean"][1:]).max() > 1e-3
 
 
+def test_vision_layers_are_the_efficientnet_stages(model, images):
+    """The image pass's vision layers: the stem, the 7 MBConv stages and the head, each averaged
+    over its spatial positions, as a plain re-run of EfficientNet's own layers gives them; the
+    projector's output mean is the LM's layer-0 image_mean."""
+    adapter = adapter_for(model)
+    got = adapter.forward_image(images, [0], list(range(9)))
+    assert adapter.vision.num_layers == 8 and set(got.vision) == {"patch_mean"}
+    net = model.vision.net
+    with torch.no_grad():
+        x = net._swish(net._bn0(net._conv_stem(model.pixel_values(images))))
+        maps = [x]
+        # EfficientNet-Lite0's 7 MBConv stages repeat their block 1, 2, 2, 3, 3, 4, 1 times.
+        stage_ends = np.cumsum([1, 2, 2, 3, 3, 4, 1])
+        for i, block in enumerate(net._blocks, start=1):
+            x = block(x)
+            if i in stage_ends:
+                maps.append(x)
+        head = net._swish(net._bn1(net._conv_head(x)))
+        maps.append(head)
+        projected = model.projector(head.flatten(2).transpose(1, 2))
+    assert [m.shape[1] for m in maps] == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
+    for v, feature_map in enumerate(maps):
+        np.testing.assert_allclose(got.vision["patch_mean"][v], feature_map.double().mean((2, 3)).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.vectors["image_mean"][0], projected.double().mean(1).numpy(), rtol=1e-5, atol=1e-5)
+    assert adapter.vision.projector_input["vision_layers"] == [8]
+
+
 def test_answer_tokens_are_the_words_themselves(tokenizer_template):
     ids = answer_token_ids(tokenizer_template)
     for word in ANSWER_WORDS:

@@ -336,3 +336,29 @@ def test_prompt_with_text_before_the_image_reads_its_own_image_tokens(adapters, 
             np.testing.assert_allclose(got, shared, atol=1e-5, rtol=1e-5)
         else:
             assert np.abs(got - shared).max() > 1e-3, layer
+
+
+def test_image_pass_writes_the_vision_layers(adapters, samples, tmp_path):
+    """The vision files hold what the adapter's image pass keeps (batches of 3 over 7 images, in
+    manifest order), with the tower's metadata; a wrong vision_num_layers is named before any work."""
+    adapter = adapters["tiny-llava-next"]
+    spec = spec_of(adapter.info.model_id, batch_size=3, positions=POSITIONS, vision_num_layers=2, vision_layers=(0, 2))
+    emb = [tmp_path / "image" / f"layer{layer}.parquet" for layer in spec.layers_of(adapter.info.num_layers)]
+    vision = [tmp_path / "vision" / f"layer{v}.parquet" for v in (0, 2)]
+    summary = extract_image(adapter, spec, samples, emb, split="test", vision_paths=vision, progress=False)
+    assert summary["vision_layers"] == [0, 2]
+    direct = adapter.forward_image([Image.open(s.path).convert("RGB") for s in samples], [0], [0, 2])
+    for j, path in enumerate(vision):
+        for position in ("patch_mean", "cls"):
+            ids, _, got = read_vectors(path, position)
+            assert list(ids) == [s.sample_id for s in samples]
+            np.testing.assert_allclose(got, direct.vision[position][j], atol=1e-5, rtol=1e-5)
+        meta = read_metadata(path)
+        assert meta["tower"] == "vision" and meta["layer"] == (0, 2)[j] and meta["num_layers"] == 2
+        assert meta["lm_num_layers"] == adapter.info.num_layers and meta["hidden_size"] == 32
+        assert meta["vision_layout"] == "tiles" and meta["positions"] == ["patch_mean", "cls"]
+        assert meta["projector_input"]["vision_feature_layer"] == -2 and meta["projector_input"]["drops_cls"] is True
+    wrong = spec_of(adapter.info.model_id, positions=POSITIONS, vision_num_layers=3)
+    with pytest.raises(ValueError, match="vision_num_layers is 3 in the config, but .* has 2 blocks"):
+        extract_image(adapter, wrong, samples, emb, split="test", vision_paths=[tmp_path / f"v{v}" for v in range(4)],
+                      progress=False)

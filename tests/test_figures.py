@@ -18,6 +18,7 @@ from stagelens.figures import (
     drop_heatmap,
     loss_chart,
     model_charts,
+    pixels_to_answer_chart,
     save_chart,
 )
 
@@ -183,6 +184,35 @@ def test_answer_readout_chart_draws_each_prompts_answer_pair_and_margin(tmp_path
     assert by[("anchor (anchor)", 0, "no")] == P_FLOOR  # an underflowed probability sits on the log scale's floor
     with pytest.raises(ValueError, match="no anchor, negation, format prompt"):
         answer_readout_chart(_answer_readout().filter(pl.col("family") == "control"), "m")
+
+
+def _vision_metrics(vision_layers: int = 3) -> pl.DataFrame:
+    """The vision_metrics table: accuracy rises along the encoder (patch mean), CLS a little lower."""
+    return pl.DataFrame([
+        {"model": "m", "readout": "vision", "position": position, "layer": v, "num_layers": vision_layers,
+         "prompt": "vision", "family": "vision", "n": 200, "chance": 0.1, "accuracy": 0.3 + 0.1 * v - offset,
+         "accuracy_ci_low": 0.25 + 0.1 * v - offset, "accuracy_ci_high": 0.35 + 0.1 * v - offset, "control_accuracy": 0.12}
+        for position, offset in (("patch_mean", 0.0), ("cls", 0.05)) for v in range(vision_layers + 1)
+    ])
+
+
+def test_pixels_to_answer_puts_vision_projector_and_lm_layers_on_one_axis(tmp_path):
+    spec = _save_and_load(pixels_to_answer_chart(_metrics("m", 4), _vision_metrics(3), _answer_readout(4), "m"),
+                          tmp_path, "pixels_to_answer")
+    upper, lower = spec["vconcat"]
+    assert len(lower["hconcat"]) == 2  # the answer readout panel under it
+    units = [_fields(u) | {"mark": _mark(u)} for u in _spec_layers(upper)]
+    assert any(u["mark"] == "line" and u["x"] == "step" and u["y"] == "accuracy" for u in units)
+    assert any(u["mark"] == "line" and u["y"] == "control_accuracy" for u in units)
+    assert any(u["mark"] == "rule" and u.get("y") == "chance" for u in units)
+    rows = next(d for d in spec["datasets"].values() if d and "step" in d[0])
+    by = {(r["series"], r["step"]): r["accuracy"] for r in rows}
+    # Vision layers 0..3 at steps 0..3; LM layer l at step 4 + l (layer 0 of the image tokens: the projector).
+    assert by[("vision encoder (patch_mean)", 3)] == pytest.approx(0.6)
+    assert by[("vision encoder (cls)", 0)] == pytest.approx(0.25)
+    assert {s for s, step in by if step >= 4} == {"LM image tokens (image_mean)", "LM anchor prompt (last)"}
+    assert max(step for _, step in by) == 4 + 4 and len(rows) == 2 * 4 + 2 * 5
+    assert by[("LM anchor prompt (last)", 4 + 3)] == pytest.approx(0.8)
 
 
 def test_depth_panel_has_one_row_per_model_with_stage_bands(tmp_path):

@@ -459,3 +459,81 @@ def test_hub_id_from_offline_cache_records_the_commit(tiny_model_dirs, tmp_path)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == commit
+
+
+def reference_vision_states(adapter, images):
+    """(per image: per vision layer its patch mean, its CLS or None) from one independent
+    output_hidden_states call of the vision tower, in float64, images split by plain slicing."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    model, inputs = adapter.model, adapter.build_inputs(images, QUESTION)
+    with torch.no_grad():
+        if "image_grid_thw" in inputs:  # Qwen2-VL: packed patches, no CLS
+            hidden = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"],
+                                        output_hidden_states=True).hidden_states
+            sizes = inputs["image_grid_thw"].prod(-1).tolist()
+            return [[(part.double().mean(0).numpy(), None) for part in torch.split(h, sizes)] for h in hidden]
+        pixels = inputs["pixel_values"]
+        if "image_sizes" in inputs:  # LLaVA-NeXT: each image's tiles, padded to the batch's most
+            tiles = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+                     for s in inputs["image_sizes"].tolist()]
+            pixels = torch.cat([pixels[i, :n] for i, n in enumerate(tiles)])
+        else:
+            tiles = [1] * len(images)
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    starts = np.cumsum([0] + tiles)
+    if not adapter.vision.facts.cls_token:  # SigLIP: every token a patch
+        return [[(h[a:b].double().mean((0, 1)).numpy(), None) for a, b in zip(starts, starts[1:])] for h in hidden]
+    return [[(h[a:b, 1:].double().mean((0, 1)).numpy(), h[a, 0].double().numpy()) for a, b in zip(starts, starts[1:])]
+            for h in hidden]
+
+
+@pytest.fixture(scope="module")
+def vision_adapters(adapters, tmp_path_factory):
+    """The pipeline's tiny models and a SigLIP-tower family of the coverage matrix (Gemma 3)."""
+    from stagelens.builders.tiny import build
+
+    gemma3 = build("tiny-gemma3", tmp_path_factory.mktemp("tiny_gemma3") / "tiny-gemma3", seed=0)
+    return {**adapters, "tiny-gemma3": load_adapter(spec_of(gemma3))}
+
+
+@pytest.mark.parametrize("recipe", [*RECIPES, "tiny-gemma3"])
+def test_vision_layers_equal_the_towers_output_hidden_states(vision_adapters, image_rows, recipe):
+    """The image pass's vision-layer vectors are the vision tower's hidden states (every layer,
+    per image: mean over its patch tokens, CLS apart; Gemma 3's SigLIP tower has none), and the
+    projector's output mean is the LM's layer-0 image_mean (what the model's get_image_features hands the LM; LLaVA-NeXT's includes
+    its image_newline rows)."""
+    adapter = vision_adapters[recipe]
+    images = load_images(image_rows, 4)
+    V = adapter.vision.num_layers
+    got = adapter.forward_image(images, [0], list(range(V + 1)))
+    reference = reference_vision_states(adapter, images)
+    assert len(reference) == V + 1
+    assert set(got.vision) == ({"patch_mean", "cls"} if adapter.vision.facts.cls_token else {"patch_mean"})
+    for v in range(V + 1):
+        for i, (mean, cls) in enumerate(reference[v]):
+            np.testing.assert_allclose(got.vision["patch_mean"][v][i], mean, atol=1e-5, rtol=1e-5)
+            if cls is not None:
+                np.testing.assert_allclose(got.vision["cls"][v][i], cls, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(got.vision["patch_mean"][0], got.vision["patch_mean"][V], atol=1e-3)
+    inputs = adapter.build_inputs(images, QUESTION)
+    keys = ("pixel_values", "image_sizes", "image_grid_thw")
+    with torch.no_grad():
+        features = adapter.model.model.get_image_features(**{k: v for k, v in inputs.items() if k in keys}).pooler_output
+    projected = np.stack([f.double().mean(0).numpy() for f in features])
+    np.testing.assert_allclose(got.vectors["image_mean"][0], projected, atol=1e-5, rtol=1e-5)
+    # LLaVA feeds its projector vision_feature_layer -2 (the second-to-last hidden state), CLS dropped.
+    facts = adapter.vision.projector_input
+    if recipe in ("tiny-llava", "tiny-llava-next"):
+        assert facts["vision_layers"] == [V - 1] and facts["drops_cls"] is True
+    else:
+        assert facts["vision_layers"] == [V] and facts["drops_cls"] is False
+
+
+def test_vision_layers_only_in_the_image_pass(adapters, image_rows):
+    adapter = adapters["tiny-llava"]
+    images = load_images(image_rows, 1)
+    with pytest.raises(ValueError, match="image pass only"):
+        adapter.forward_prepared(adapter.prepare(images, QUESTION), [0], ["last"], [1])
+    with pytest.raises(ValueError, match="out of range 0..2"):
+        adapter.forward_image(images, [0], [3])

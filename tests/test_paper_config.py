@@ -118,7 +118,9 @@ def paper_cfg(tmp_path) -> dict:
 def test_paper_dry_run_job_counts(paper_cfg, tmp_path):
     """3 models x (1 train + 7 test extractions + 2 image passes); probes per layer 0..L
     (33 + 33 + 29 = 95) and image probes per layer; evaluations per layer x prompt (95 x 7) and
-    image evaluations per layer (95); one aggregate and figure set per model."""
+    image evaluations per layer (95); vision probes and evaluations per vision layer 0..V
+    (25 + 25 + 33 = 83); one aggregate and figure set per model, a vision aggregate and
+    pixels-to-answer figure each."""
     assert dry_run(tmp_path, paper_cfg) == {
         "all": 1,
         "prepare_dataset": 1,
@@ -132,8 +134,12 @@ def test_paper_dry_run_job_counts(paper_cfg, tmp_path):
         "train_image_probe": 95,
         "evaluate": 665,
         "evaluate_image": 95,
+        "train_vision_probe": 83,
+        "evaluate_vision": 83,
         "aggregate": 3,
+        "aggregate_vision": 3,
         "figures": 3,
+        "pixels_to_answer": 3,
         "depth_panel": 1,
     }
 
@@ -146,3 +152,4 @@ def test_enabling_the_control_model_adds_only_its_jobs(paper_cfg, tmp_path):
     assert (counts["train_probe"], counts["evaluate"]) == (95 + 33, 665 + 33 * 7)
     assert (counts["train_image_probe"], counts["evaluate_image"]) == (95 + 33, 95 + 33)
     assert (counts["aggregate"], counts["figures"], counts["depth_panel"]) == (4, 4, 1)
+    assert (counts["train_vision_probe"], counts["evaluate_vision"], counts["pixels_to_answer"]) == (83 + 25, 83 + 25, 4)

@@ -6,6 +6,7 @@ Every run happens in a temporary working directory (--directory) with its own co
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -59,7 +60,9 @@ def tiny_config(images: Path, *, variants=(LEXICAL,), models=None) -> dict:
         "seed": 0,
         "results": "results",
         "dataset": {"root": str(images), "train_per_class": 4, "test_per_class": 3},
-        "models": models or {"tiny-llava": {"recipe": "tiny-llava", "num_layers": 2, "device": "cpu", "batch_size": 4}},
+        # Its CLIP tower's 2 blocks are read too (vision layers 0..2).
+        "models": models or {"tiny-llava": {"recipe": "tiny-llava", "num_layers": 2, "device": "cpu", "batch_size": 4,
+                                            "vision_num_layers": 2}},
         "prompts": {"anchor": dict(ANCHOR), "variants": [dict(v) for v in variants]},
         "probe": {"cv_folds": 2, "Cs": [0.1, 1.0], "max_iter": 200},
         "evaluate": {"n_bootstrap": 50},
@@ -120,29 +123,38 @@ def planned_jobs(workdir: Path, cfg: dict, name: str = "config.yaml") -> list[tu
     return jobs
 
 
-def expected_analysis(layers_by_model: dict[str, int], n_prompts: int, n_before_image: int = 0) -> dict[str, int]:
+def expected_analysis(layers_by_model: dict[str, int], n_prompts: int, n_before_image: int = 0,
+                      vision_by_model: dict[str, int] | None = None) -> dict[str, int]:
     """Jobs of the analysis rules for models new to a run (the cross-model panel is always redone);
-    every model here keeps image_mean (the default), probed and evaluated once per layer, and
-    once per layer for each prompt with text before the image."""
+    every model here keeps image_mean (the default), probed and evaluated once per layer, once per
+    layer for each prompt with text before the image, and the models of vision_by_model (name ->
+    vision layers read) once per vision layer."""
     n_layers = sum(layers_by_model.values())
-    return {
+    vision = {name: n for name, n in (vision_by_model or {}).items() if n}
+    jobs = {
         "train_probe": n_layers,
         "evaluate": n_layers * n_prompts,
         "train_image_probe": n_layers,
         "evaluate_image": n_layers,
         "evaluate_prompt_image": n_layers * n_before_image,
+        "train_vision_probe": sum(vision.values()),
+        "evaluate_vision": sum(vision.values()),
         "aggregate": len(layers_by_model),
+        "aggregate_vision": len(vision),
         "figures": len(layers_by_model),
+        "pixels_to_answer": len(vision),
         "depth_panel": 1,
     }
+    return {rule: n for rule, n in jobs.items() if n}  # as Snakemake's job stats: no rule without jobs
 
 
-ANALYSIS_RULES = ("train_probe", "evaluate", "train_image_probe", "evaluate_image", "evaluate_prompt_image", "aggregate",
-                  "figures", "depth_panel")
+ANALYSIS_RULES = ("train_probe", "evaluate", "train_image_probe", "evaluate_image", "evaluate_prompt_image",
+                  "train_vision_probe", "evaluate_vision", "aggregate", "aggregate_vision", "figures", "pixels_to_answer",
+                  "depth_panel")
 
 
 def analysis_part(counts: dict[str, int]) -> dict[str, int]:
-    return {rule: counts.get(rule, 0) for rule in ANALYSIS_RULES}
+    return {rule: counts[rule] for rule in ANALYSIS_RULES if rule in counts}
 
 
 # --- dry runs ---------------------------------------------------------------------------------
@@ -156,7 +168,8 @@ def test_dry_run_schedules_one_pass_per_split_and_prompt(images, tmp_path):
     assert counts["extract_tiny_llava"] == 1 + 3
     assert counts["image_pass_tiny_llava"] == 2  # the image tokens once per split, for every prompt
     assert counts["all"] == 1
-    assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3)
+    # The vision tower's layers: read by the image pass (no job of their own), probed once per layer.
+    assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3, vision_by_model={"tiny-llava": 3})
 
 
 def test_text_before_the_image_schedules_its_own_image_evaluation(images, tmp_path):
@@ -169,7 +182,7 @@ def test_text_before_the_image_schedules_its_own_image_evaluation(images, tmp_pa
     extracted = sorted((w["split"], w["prompt"]) for rule, w in jobs if rule == "extract_tiny_llava")
     assert extracted == [("test", "anchor"), ("test", LEXICAL["id"]), ("test", LOOK["id"]), ("train", "anchor")]
     counts = {rule: [r for r, _ in jobs].count(rule) for rule, _ in jobs}
-    assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3, n_before_image=1)
+    assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3, n_before_image=1, vision_by_model={"tiny-llava": 3})
 
 
 def test_configfile_replaces_the_default_config(images, tmp_path):
@@ -182,8 +195,9 @@ def test_configfile_replaces_the_default_config(images, tmp_path):
            "--workflow-profile", "none", "--dry-run", "--quiet", "rules"]
     mine = job_counts(subprocess.run([*cmd, "--configfile", str(configfile)], cwd=tmp_path,
                                      capture_output=True, text=True, timeout=600))
-    analysis = {rule for rule, n in expected_analysis({"tiny-llava": 3}, 2).items() if n}  # no before_image prompt
+    analysis = set(expected_analysis({"tiny-llava": 3}, 2, vision_by_model={"tiny-llava": 3}))  # no before_image prompt
     assert set(mine) == {"prepare_dataset", "build_model", "extract_tiny_llava", "image_pass_tiny_llava", *analysis, "all"}
+    assert mine["train_vision_probe"] == 3
     # Without a --configfile the default is read, and --config edits it.
     default = job_counts(subprocess.run([*cmd, "--config", "seed=3"], cwd=tmp_path,
                                         capture_output=True, text=True, timeout=600))
@@ -240,11 +254,13 @@ def test_shipped_config_dry_run(name, tmp_path):
     n_prompts = 1 + len(cfg["prompts"].get("variants", []))
     models = {name: m for name, m in cfg["models"].items() if m.get("enabled", True)}
     n_layers = {name: len(m.get("layers") or range(m["num_layers"] + 1)) for name, m in models.items()}
+    n_vision = {name: len(m.get("vision_layers") or range(m["vision_num_layers"] + 1)) if m.get("vision_num_layers") else 0
+                for name, m in models.items()}
     for model in models:
         assert counts["extract_" + re.sub(r"[^A-Za-z0-9_]", "_", model)] == 1 + n_prompts
         assert counts["image_pass_" + re.sub(r"[^A-Za-z0-9_]", "_", model)] == 2
     assert counts["prepare_dataset"] == 1
-    assert analysis_part(counts) == expected_analysis(n_layers, n_prompts)
+    assert analysis_part(counts) == expected_analysis(n_layers, n_prompts, vision_by_model=n_vision)
     patching = cfg.get("patching", {})
     if patching.get("enabled"):
         n_patched = len(patching.get("variants") or cfg["prompts"]["variants"])
@@ -328,11 +344,28 @@ def test_run_writes_the_documented_files(finished_run):
         assert row["mean_p_yes"] == pytest.approx(behaviour[row["prompt"]]["mean_p_yes"], abs=1e-5)
         assert row["mean_p_expected"] == pytest.approx(behaviour[row["prompt"]][f"mean_p_{row['expected']}"], abs=1e-5)
     for fmt in ("png", "svg", "vl.json"):
-        for figure in ("accuracy", "drop_heatmap", "answers", "answer_readout"):
+        for figure in ("accuracy", "drop_heatmap", "answers", "answer_readout", "pixels_to_answer"):
             assert (res / "figures" / "tiny-llava" / f"{figure}.{fmt}").is_file()
         assert (res / "figures" / f"depth_panel.{fmt}").is_file()
-
-
+    # The vision tower's layers: per split one file per vision layer (patch mean and CLS), their
+    # probes and metrics, and the vision metrics table (test accuracy per position x vision layer).
+    for split in ("train", "test"):
+        for layer in (0, 1, 2):
+            vision = res / "tiny-llava" / "embeddings" / split / "vision" / f"layer{layer}.parquet"
+            assert pq.read_schema(vision).names == ["sample_id", "label", "patch_mean", "cls"]
+            assert (res / "tiny-llava" / "probes" / "vision" / "control" / f"layer{layer}.safetensors").is_file()
+            assert (res / "tiny-llava" / "metrics" / "vision" / f"layer{layer}.parquet").is_file()
+    meta = json.loads(pq.read_schema(vision).metadata[b"stagelens"])
+    assert meta["tower"] == "vision" and meta["num_layers"] == 2 and meta["lm_num_layers"] == 2
+    assert meta["projector_input"]["vision_layers"] == [1] and meta["projector_input"]["drops_cls"] is True
+    vision_metrics = pq.read_table(res / "tiny-llava" / "vision_metrics.parquet").to_pylist()
+    assert sorted((r["position"], r["layer"]) for r in vision_metrics) == [
+        (p, layer) for p in ("cls", "patch_mean") for layer in (0, 1, 2)]
+    assert all(r["readout"] == "vision" and r["drop"] is None and 0 <= r["accuracy"] <= 1 for r in vision_metrics)
+    assert all(r["depth"] == r["layer"] / 2 and r["probe_converged"] is not None for r in vision_metrics)
+    spec = json.loads((res / "figures" / "tiny-llava" / "pixels_to_answer.vl.json").read_text())
+    steps = next(d for d in spec["datasets"].values() if d and "step" in d[0])
+    assert {r["series"] for r in steps} >= {"vision encoder (patch_mean)", "vision encoder (cls)", "LM image tokens (image_mean)"}
 
 
 @pytest.mark.slow
@@ -361,8 +394,9 @@ def test_adding_a_variant_costs_only_its_jobs(finished_run):
     # the new prompt on the test split (its answers and answer readout with it: no readout of another prompt)
     assert counts.pop("extract_tiny_llava") == 1
     assert counts.pop("evaluate") == 3  # one per layer, no probe retrained
-    # no image pass, image probe or image evaluation: the image tokens do not see the prompt
-    assert counts == {"aggregate": 1, "figures": 1, "depth_panel": 1, "all": 1}
+    # no image pass, image or vision probe, image or vision evaluation: neither the image tokens nor
+    # the vision tower see the prompt (the pixels-to-answer figure redraws its answer readout)
+    assert counts == {"aggregate": 1, "figures": 1, "pixels_to_answer": 1, "depth_panel": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -374,7 +408,7 @@ def test_adding_a_variant_with_text_before_the_image_costs_only_its_jobs(finishe
     grown = {**cfg, "prompts": {**cfg["prompts"], "variants": [*cfg["prompts"]["variants"], look_again]}}
     jobs = planned_jobs(workdir, grown, "grown-before-image.yaml")
     assert {w["prompt"] for _, w in jobs if "prompt" in w} == {"look_again"}
-    assert sorted((rule, w.get("split", w.get("layer"))) for rule, w in jobs if rule not in ("aggregate", "figures", "depth_panel", "all")) == [
+    assert sorted((rule, w.get("split", w.get("layer"))) for rule, w in jobs if rule not in ("aggregate", "figures", "pixels_to_answer", "depth_panel", "all")) == [
         ("evaluate", "0"), ("evaluate", "1"), ("evaluate", "2"),
         ("evaluate_prompt_image", "0"), ("evaluate_prompt_image", "1"), ("evaluate_prompt_image", "2"),
         ("extract_tiny_llava", "test")]
@@ -443,6 +477,12 @@ def test_summary_names_the_best_layers_and_answers(finished_run):
         top = part["accuracy"].max()
         layer = part.filter(pl.col("accuracy") == top)["layer"].min()
         assert f"{position:<10}: layer {layer:>2}/2  accuracy {top:.3f}" in text
+    vision = pl.read_parquet(workdir / "results" / "tiny-llava" / "vision_metrics.parquet")
+    for position in ("patch_mean", "cls"):
+        part = vision.filter(pl.col("position") == position)
+        top = part["accuracy"].max()
+        layer = part.filter(pl.col("accuracy") == top)["layer"].min()
+        assert f"best vision probe, {position:<10}: layer {layer:>2}/2  accuracy {top:.3f}" in text
     behaviour = pl.read_parquet(workdir / "results" / "tiny-llava" / "behaviour.parquet")
     for row in behaviour.iter_rows(named=True):
         assert f"{row['prompt']:<14} ({row['expected']:>3})  {row['share_yes']:>4.0%}" in text

@@ -1,5 +1,5 @@
-"""Per-model tables: tidy metrics, the model's own answers per prompt, the detected stages, and the
-answer readout per prompt x layer."""
+"""Per-model tables: tidy metrics, the model's own answers per prompt, the detected stages, the
+answer readout per prompt x layer, and the vision-encoder probe metrics per vision layer."""
 
 from __future__ import annotations
 
@@ -207,6 +207,24 @@ def model_tables(
         readout = pl.concat([answer_readout_table(answer_readouts[p["id"]], p, num_layers) for p in prompts])
         tables["answer_readout"] = readout.with_columns(pl.lit(model_name).alias("model")).select("model", pl.exclude("model"))
     return tables
+
+
+def vision_metrics_table(rows: Iterable[pl.DataFrame], model_name: str, fits: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One model's vision-encoder probe metrics: a row per position (patch_mean, cls) x vision layer,
+    depth = layer / the encoder's block count, with the probes' convergence where `fits` is given."""
+    table = pl.concat(list(rows), how="diagonal_relaxed")
+    if set(table["readout"].unique()) != {"vision"}:
+        raise ValueError(f"vision metrics of model {model_name!r} hold rows of readout {sorted(set(table['readout']))}")
+    if table["num_layers"].n_unique() != 1:
+        raise ValueError(f"vision metrics of model {model_name!r} disagree on num_layers: {sorted(set(table['num_layers']))}")
+    duplicated = table.select("position", "layer").is_duplicated()
+    if duplicated.any():
+        raise ValueError(f"duplicate vision metrics rows for {table.filter(duplicated).select('position', 'layer').rows()}")
+    table = table.with_columns((pl.col("layer") / pl.col("num_layers")).alias("depth")).sort("position", "layer")
+    if fits is not None:
+        table = with_fits(table, fits)
+    first = [c for c in LEADING if c in table.columns]
+    return table.select(*first, pl.exclude(first))
 
 
 def write_table(table: pl.DataFrame, path: str | os.PathLike) -> None:

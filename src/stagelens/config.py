@@ -18,7 +18,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
-from stagelens.positions import IMAGE_PASS, PROMPT_POSITIONS, has_text_before_image
+from stagelens.positions import IMAGE_PASS, PROMPT_POSITIONS, VISION_PASS, has_text_before_image
 from stagelens.spec import vector_dtype_problem
 
 # Families the stage rule reads (stagelens.stages) plus the anchor's; others must be declared
@@ -149,6 +149,16 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
         for i, layer in enumerate(model.get("layers") or []):
             if layer > top:
                 err(["models", name, "layers", i], f"layer {layer} is outside 0..{top} (num_layers={top})")
+        vision_top = model.get("vision_num_layers")
+        if vision_top is None and model.get("vision_layers"):
+            err(["models", name, "vision_layers"], "needs vision_num_layers (the vision encoder's block count)")
+        for i, layer in enumerate(model.get("vision_layers") or []):
+            if vision_top is not None and layer > vision_top:
+                err(["models", name, "vision_layers", i],
+                    f"vision layer {layer} is outside 0..{vision_top} (vision_num_layers={vision_top})")
+        if vision_top is not None and "image_mean" not in model["positions"]:
+            err(["models", name, "vision_num_layers"], "vision layers are read by the image pass: add image_mean to "
+                f"positions (got {model['positions']}) or set vision_num_layers: null")
         if not any(p in PROMPT_POSITIONS for p in model["positions"]):
             err(["models", name, "positions"], f"needs at least one prompt-dependent position {list(PROMPT_POSITIONS)} "
                 f"(got {model['positions']}); image positions are read once per image, not per prompt")
@@ -168,8 +178,9 @@ def _cross_field_messages(config: Mapping[str, Any]) -> list[str]:
     for parts, pid in [(["prompts", "anchor", "id"], anchor_id)] + [
         (["prompts", "variants", i, "id"], p["id"]) for i, p in enumerate(config["prompts"].get("variants", []))
     ]:
-        if path_key(pid) == IMAGE_PASS:
-            err(parts, f"prompt id {pid!r} is reserved: the image pass writes its outputs under '{IMAGE_PASS}'")
+        if path_key(pid) in (IMAGE_PASS, VISION_PASS):
+            err(parts, f"prompt id {pid!r} is reserved: the image pass writes its outputs under '{IMAGE_PASS}' "
+                f"and '{VISION_PASS}'")
     # Prompt ids name output folders: ids equal after case folding would share one.
     seen: dict[str, tuple[str, str]] = {path_key(anchor_id): ("prompts.anchor", anchor_id)}
     for i, prompt in enumerate(config["prompts"].get("variants", [])):

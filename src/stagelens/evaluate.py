@@ -19,6 +19,7 @@ from stagelens.probe import load_probes
 from stagelens.store import read_metadata, read_vectors
 
 PathLike = str | os.PathLike
+READOUTS = ("prompt", "image", "vision")
 
 
 def paired_vectors(variant_path: PathLike, anchor_path: PathLike, position: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,10 +54,12 @@ def evaluate_layer(
     readout "image": the image-token readout. The image pass is evaluated against itself and its
     paired metrics are left empty (a drop of 0 where no prompt can move the vectors would look like
     a finding); a prompt with text before the image is paired with the image pass (anchor_path),
-    whose image tokens are the anchor's, and keeps its drop.
+    whose image tokens are the anchor's, and keeps its drop. readout "vision": the image pass's
+    vision-encoder layers (layer and num_layers are then the vision encoder's), evaluated against
+    themselves, paired metrics left empty.
     """
-    if readout not in ("prompt", "image"):
-        raise ValueError(f"readout must be 'prompt' or 'image', got {readout!r}")
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     probes, controls = load_probes(probe_path), load_probes(control_path)
     meta = read_metadata(variant_path)
     rows = []
@@ -65,7 +68,7 @@ def evaluate_layer(
             raise KeyError(f"{control_path}: no control probe for position {position!r}")
         labels, variant, anchor = paired_vectors(variant_path, anchor_path, position)
         metrics = evaluate_probe(probe, controls[position], labels, variant, anchor, settings)
-        if readout == "image" and os.fspath(anchor_path) == os.fspath(variant_path):
+        if readout != "prompt" and os.fspath(anchor_path) == os.fspath(variant_path):
             metrics.update(dict.fromkeys(PAIRED_METRICS))
         rows.append({
             "model": model_name, "model_id": meta.get("model_id"), "revision": meta.get("revision"),

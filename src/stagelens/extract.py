@@ -114,8 +114,9 @@ def _run_batches(
     prompt: Mapping[str, str] | None,
     layers,
     positions,
+    vision_layers: Sequence[int] = (),
 ) -> Iterator[tuple[Sequence[Sample], BatchVectors]]:
-    """(batch, forward output) per batch; prompt None: the image pass.
+    """(batch, forward output) per batch; prompt None: the image pass (with `vision_layers`).
 
     A `PreparingAdapter` gets the next batch's images read and processed in a worker thread
     while the model runs the current one (one batch ahead, so memory stays bounded); other
@@ -127,7 +128,7 @@ def _run_batches(
         for batch in chunks:
             images = [load_image(s.image) for s in batch]
             if prompt is None:
-                yield batch, adapter.forward_image(images, layers)
+                yield batch, adapter.forward_image(images, layers, vision_layers)
             else:
                 yield batch, adapter.forward(images, prompt["text"], layers, positions, before_image=before)
         return
@@ -145,7 +146,7 @@ def _run_batches(
                 prepared = pending.result()
                 if i + 1 < len(chunks):
                     pending = pool.submit(prepare, chunks[i + 1])
-                yield batch, adapter.forward_prepared(prepared, layers, positions)
+                yield batch, adapter.forward_prepared(prepared, layers, positions, vision_layers)
         finally:
             pending.cancel()
 
@@ -301,16 +302,49 @@ def extract_image(
     embedding_paths: Sequence[str | os.PathLike],
     *,
     split: str,
+    vision_paths: Sequence[str | os.PathLike] = (),
     progress: bool = True,
 ) -> dict[str, object]:
     """The image pass: write embedding_paths[i] (layer i of `spec`'s layers; the image positions)
-    from the tokens up to the last image token, which every prompt shares."""
+    from the tokens up to the last image token, which every prompt shares, and vision_paths[j]
+    (vision layer j of `spec`'s vision layers: the vision encoder's patch mean and CLS per image)."""
     layers = spec.layers_of(adapter.info.num_layers)
     check_request(adapter, spec, layers, embedding_paths)
     positions = image_positions(spec)
     if not positions:
         raise ValueError(f"models.{spec.name}.positions has no image position ({list(IMAGE_POSITIONS)}): no image pass to run")
-    return _write_pass(adapter, spec, samples, None, positions, layers, embedding_paths, None, None, split, progress)
+    vision = VisionRequest.of(adapter, spec, vision_paths)
+    return _write_pass(adapter, spec, samples, None, positions, layers, embedding_paths, None, None, split, progress,
+                       vision)
+
+
+@dataclass(frozen=True)
+class VisionRequest:
+    """The vision layers an image pass keeps and the files they go to."""
+
+    layers: list[int]
+    paths: list[str | os.PathLike]
+    positions: tuple[str, ...]
+    metadata: dict[str, object]
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter, spec: ModelSpec, paths: Sequence[str | os.PathLike]) -> "VisionRequest | None":
+        """The request `spec` makes of the adapter's vision tower (None: none), with clear errors."""
+        layers = spec.vision_layers_of()
+        if len(paths) != len(layers):
+            raise ValueError(f"{len(paths)} vision embedding paths for {len(layers)} vision layers")
+        if not layers:
+            return None
+        tower = getattr(adapter, "vision", None)
+        if tower is None:
+            raise ValueError(f"models.{spec.name}.vision_num_layers is set, but the vision layers of "
+                             f"{adapter.info.architecture} cannot be read here (no entry in "
+                             "stagelens.adapters.architectures.VISION_TOWERS): set vision_num_layers: null")
+        if spec.vision_num_layers != tower.num_layers:
+            raise ValueError(f"models.{spec.name}.vision_num_layers is {spec.vision_num_layers} in the config, but "
+                             f"{adapter.info.model_id}'s vision encoder has {tower.num_layers} blocks: set "
+                             f"vision_num_layers: {tower.num_layers}")
+        return cls(layers, list(paths), tower.positions, {**tower.metadata(), "num_layers": tower.num_layers})
 
 
 def _write_pass(
@@ -325,9 +359,11 @@ def _write_pass(
     readout_path: str | os.PathLike | None,
     split: str,
     progress: bool,
+    vision: VisionRequest | None = None,
 ) -> dict[str, object]:
     """Run every batch and write the files of one pass (prompt None: the image pass, no answers
-    and no readout)."""
+    and no readout; vision: its vision-layer files, each created at the first batch, which gives
+    the layer's width)."""
     if spec.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
     if not samples:
@@ -352,13 +388,24 @@ def _write_pass(
             readout_meta = {**meta, "readout_layers": layers, "margin_rule": MARGIN_RULE}
             readout = ParquetStreamWriter(readout_path, answer_readout_schema(ANSWER_WORDS, readout_meta))
             writers.append(readout)
+        vision_writers: list[EmbeddingWriter] = []
+        vision_layers = vision.layers if vision is not None else []
         with tqdm(total=len(samples), unit="img", file=sys.stderr, disable=not progress, desc=desc) as bar:
-            for batch, out in _run_batches(adapter, samples, batch_size, prompt, layers, positions):
+            for batch, out in _run_batches(adapter, samples, batch_size, prompt, layers, positions, vision_layers):
                 ids = [s.sample_id for s in batch]
                 check_finite(out.vectors, layers, ids, vector_dtype)
                 labels = np.asarray([s.label for s in batch], dtype=np.int32)
                 for i, writer in enumerate(emb_writers):
                     writer.append(ids, labels, {pos: out.vectors[pos][i] for pos in positions})
+                if vision is not None:
+                    if not vision_writers:
+                        for writer in _vision_writers(vision, out.vision, meta, vector_dtype):
+                            vision_writers.append(writer)
+                            writers.append(writer)  # aborted with the others should a later one fail
+                    for j, writer in enumerate(vision_writers):
+                        kept = {pos: out.vision[pos][j] for pos in vision.positions}
+                        check_finite({f"vision {p}": v[None] for p, v in kept.items()}, [vision.layers[j]], ids, vector_dtype)
+                        writer.append(ids, labels, kept)
                 if answers is not None:
                     probs = np.asarray(out.answer_probs, dtype=np.float32)
                     answers.write(
@@ -379,7 +426,21 @@ def _write_pass(
         raise
     for writer in writers:
         writer.commit()
-    return {"rows": len(samples), "seconds": time.perf_counter() - start, "layers": layers}
+    return {"rows": len(samples), "seconds": time.perf_counter() - start, "layers": layers, "vision_layers": vision_layers}
+
+
+def _vision_writers(
+    vision: VisionRequest, first: Mapping[str, list[np.ndarray]] | None, meta: Mapping[str, object], vector_dtype: str
+) -> Iterator[EmbeddingWriter]:
+    """One writer per kept vision layer, its width read from the first batch's vectors. Each file's
+    metadata is the image pass's, with num_layers the vision encoder's (lm_num_layers the LM's)."""
+    if first is None:
+        raise ValueError("the adapter returned no vision vectors for the image pass")
+    for j, (layer, path) in enumerate(zip(vision.layers, vision.paths)):
+        dim = first[vision.positions[0]][j].shape[1]
+        yield EmbeddingWriter(path, dim, vision.positions, {
+            **meta, **vision.metadata, "tower": "vision", "lm_num_layers": meta["num_layers"], "hidden_size": dim,
+            "layer": layer, "positions": list(vision.positions)}, vector_dtype)
 
 
 def answer_margin(log_probs: np.ndarray, expected: str) -> np.ndarray:

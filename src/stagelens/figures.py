@@ -296,6 +296,66 @@ def answer_readout_chart(readout: pl.DataFrame, title: str) -> alt.HConcatChart:
     ).resolve_scale(color="shared").properties(title=alt.Title(title, subtitle=subtitle))
 
 
+VISION_COLOR = "#8c564b"  # the vision encoder's layers (patch mean solid, CLS lighter)
+
+
+def pixels_to_answer_data(metrics: pl.DataFrame, vision_metrics: pl.DataFrame) -> pl.DataFrame:
+    """Class-probe accuracy on one axis from pixels to answer: `step` 0..V the vision layers, then
+    V+1+l the LM's layer l: the image tokens' mean (layer 0: the projector's output as the LM gets
+    it) and the anchor at its last token (`last` where kept, else the first prompt position)."""
+    columns = ["series", "step", "layer", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "control_accuracy", "chance"]
+    V = int(vision_metrics["num_layers"][0])
+    vision = vision_metrics.with_columns((pl.lit("vision encoder (") + pl.col("position") + pl.lit(")")).alias("series"),
+                                         pl.col("layer").alias("step"))
+    image = metrics.filter((pl.col("readout") == "image") & (pl.col("position") == "image_mean"))
+    anchor = metrics.filter((pl.col("readout") == "prompt") & (pl.col("family") == "anchor"))
+    positions = anchor["position"].unique().to_list()
+    anchor = anchor.filter(pl.col("position") == ("last" if "last" in positions else sorted(positions)[0]))
+    lm = pl.concat([
+        image.with_columns(pl.lit("LM image tokens (image_mean)").alias("series")),
+        anchor.with_columns((pl.lit("LM anchor prompt (") + pl.col("position") + pl.lit(")")).alias("series")),
+    ], how="diagonal_relaxed").with_columns((pl.col("layer") + V + 1).alias("step"))
+    return pl.concat([vision.select(columns), lm.select(columns)], how="vertical_relaxed").sort("series", "step")
+
+
+def pixels_to_answer_chart(metrics: pl.DataFrame, vision_metrics: pl.DataFrame, answer_readout: pl.DataFrame,
+                           title: str) -> alt.VConcatChart:
+    """Where the class is readable from pixels to answer (class-probe accuracy along the vision
+    encoder's layers, the projector, the LM's layers; chance dotted, each series' shuffled-label
+    control dashed) above where the answer appears (`answer_readout_chart`)."""
+    data = pixels_to_answer_data(metrics, vision_metrics)
+    V = int(vision_metrics["num_layers"][0])
+    series = data["series"].unique(maintain_order=True).to_list()
+    palette = {"vision encoder (patch_mean)": VISION_COLOR, "vision encoder (cls)": _shade(VISION_COLOR, 2),
+               "LM image tokens (image_mean)": IMAGE_COLOR}
+    color = alt.Color("series:N", title="probed vectors", scale=alt.Scale(
+        domain=series, range=[palette.get(s, FAMILY_COLORS["anchor"]) for s in series]),
+        legend=alt.Legend(symbolType="stroke", symbolOpacity=1, symbolStrokeWidth=3))
+    labels = f"datum.value <= {V} ? 'V' + datum.value : (datum.value == {V + 1} ? 'LM 0' : 'L' + (datum.value - {V + 1}))"
+    x = alt.X("step:Q", title=f"vision layer V0..V{V} | projector -> LM layer 0 | LM layers",
+              axis=alt.Axis(tickMinStep=1, format="d", labelExpr=labels), scale=alt.Scale(domain=[0, int(data["step"].max())]))
+    y_scale = alt.Scale(domain=[0, 1])
+    base = alt.Chart(data)
+    band = base.mark_area(opacity=0.12).encode(x=x, y=alt.Y("accuracy_ci_low:Q", scale=y_scale), y2="accuracy_ci_high:Q",
+                                               color=color, detail="series:N")
+    lines = base.mark_line(point=alt.OverlayMarkDef(size=18)).encode(
+        x=x, y=alt.Y("accuracy:Q", title="class-probe accuracy (test)", scale=y_scale), color=color,
+        tooltip=["series", "layer", alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip("control_accuracy:Q", format=".3f")],
+    )
+    control = base.mark_line(strokeDash=[5, 3], opacity=0.6, strokeWidth=1).encode(x=x, y="control_accuracy:Q", color=color)
+    chance = base.mark_rule(color="#7f7f7f", strokeDash=[1, 3]).encode(y="mean(chance):Q")
+    boundary = alt.Chart(pl.DataFrame({"x": [V + 0.5], "label": ["projector"]})).mark_rule(color="#7f7f7f").encode(x="x:Q")
+    boundary_text = alt.Chart(pl.DataFrame({"x": [V + 0.5], "label": ["projector"]})).mark_text(
+        align="left", dx=3, dy=-110, color="#7f7f7f").encode(x="x:Q", text="label:N")
+    upper = alt.layer(band, lines, control, chance, boundary, boundary_text).properties(
+        width=660, height=240,
+        title=alt.Title("where the class is readable", subtitle=[
+            "bands: bootstrap CI; dashed: each series' shuffled-label control probe; dotted: chance; "
+            "LM 0 of the image tokens is the projector's output as the LM receives it"]))
+    lower = answer_readout_chart(answer_readout, "where the answer appears")
+    return alt.vconcat(upper, lower).resolve_scale(color="independent").properties(title=title)
+
+
 def patching_chart(curves: pl.DataFrame, onsets: pl.DataFrame, title: str) -> alt.Chart:
     """Restored fraction of the anchor-variant answer gap by patched layer, per variant (colour),
     one panel per direction (columns) and patched position (rows); CI bands; the onset threshold

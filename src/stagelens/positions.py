@@ -24,6 +24,9 @@ POSITIONS = PROMPT_POSITIONS + IMAGE_POSITIONS
 # The image pass's name in output paths (embeddings/<split>/image/, probes/image/, metrics/image/)
 # and in the `prompt` column of its metrics rows; no prompt may take it.
 IMAGE_PASS = "image"
+# The vision encoder's layers, read by the same image pass (embeddings/<split>/vision/,
+# probes/vision/, metrics/vision/; `prompt` of their metrics rows); no prompt may take it.
+VISION_PASS = "vision"
 
 
 def has_text_before_image(prompt: Mapping[str, object]) -> bool:

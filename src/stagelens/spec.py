@@ -31,6 +31,8 @@ class ModelSpec:
     revision: str | None = None  # hub revision; None: the default branch (local: "local")
     max_pixels: int | None = None
     trust_remote_code: bool = False
+    vision_num_layers: int | None = None  # vision-encoder blocks V; None: no vision layers read
+    vision_layers: tuple[int, ...] | None = None  # vision layers kept; None: every layer 0..V
 
     @classmethod
     def from_config(cls, name: str, entry: Mapping[str, Any], checkpoint: str | None = None) -> "ModelSpec":
@@ -51,11 +53,19 @@ class ModelSpec:
             revision=entry.get("revision") or None,
             max_pixels=entry.get("max_pixels"),
             trust_remote_code=bool(entry["trust_remote_code"]),
+            vision_num_layers=entry.get("vision_num_layers"),
+            vision_layers=tuple(model_vision_layers(entry)) if entry.get("vision_num_layers") is not None else None,
         )
 
     def layers_of(self, checkpoint_layers: int) -> list[int]:
         """The layers to keep, given the checkpoint's decoder-block count."""
         return list(self.layers) if self.layers is not None else list(range(checkpoint_layers + 1))
+
+    def vision_layers_of(self) -> list[int]:
+        """The vision layers to keep ([]: the vision tower is not read)."""
+        if self.vision_num_layers is None:
+            return []
+        return list(self.vision_layers) if self.vision_layers is not None else list(range(self.vision_num_layers + 1))
 
 
 def model_layers(entry: Mapping[str, Any]) -> list[int]:
@@ -63,6 +73,17 @@ def model_layers(entry: Mapping[str, Any]) -> list[int]:
     layers = entry.get("layers")
     if layers is None:
         return list(range(int(entry["num_layers"]) + 1))
+    return sorted(int(layer) for layer in layers)
+
+
+def model_vision_layers(entry: Mapping[str, Any]) -> list[int]:
+    """Vision layers a config model entry reads and probes: the explicit list, else 0..vision_num_layers
+    ([] when vision_num_layers is null: no vision-tower probes)."""
+    if entry.get("vision_num_layers") is None:
+        return []
+    layers = entry.get("vision_layers")
+    if layers is None:
+        return list(range(int(entry["vision_num_layers"]) + 1))
     return sorted(int(layer) for layer in layers)
 
 

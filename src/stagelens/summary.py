@@ -1,5 +1,6 @@
 """A one-screen text summary of a finished run, printed at the end of `make run`:
-per model, the best anchor-probe layer per token position, the detected stages, the model's own
+per model, the best anchor-probe layer per token position (and per vision-encoder position where
+the vision tower was probed), the detected stages, the model's own
 answer shares per prompt, the layer from which the answer readout favours each prompt's expected
 answer, and where the report and figures are.
 
@@ -13,14 +14,14 @@ from pathlib import Path
 
 import polars as pl
 
-from stagelens.positions import IMAGE_PASS
+from stagelens.positions import IMAGE_PASS, VISION_PASS
 from stagelens.results import Results, ResultsError, load_results
 
 
 def best_layers(metrics: pl.DataFrame) -> pl.DataFrame:
     """Per model x position, the layer where the anchor probe (for the image positions: the image
-    pass's probe) is most accurate (the shallowest on ties)."""
-    anchor = metrics.filter(pl.col("family").is_in(["anchor", IMAGE_PASS]))
+    pass's probe; for a vision_metrics table: the vision layer's) is most accurate (the shallowest on ties)."""
+    anchor = metrics.filter(pl.col("family").is_in(["anchor", IMAGE_PASS, VISION_PASS]))
     return (
         anchor.sort("model", "position", pl.col("accuracy"), pl.col("layer"), descending=[False, False, True, False])
         .group_by("model", "position", maintain_order=True)
@@ -65,12 +66,21 @@ def summary_text(res: Results, report: str | None = None) -> str:
     except ResultsError:  # runs made before the answer readout existed
         answer_readout = None
     best = best_layers(metrics)
+    try:
+        vision = best_layers(res.table("vision_metrics"))
+    except ResultsError:  # no model of the runs probed its vision tower
+        vision = None
     lines: list[str] = []
     for model in best["model"].unique(maintain_order=True).to_list():
         lines.append(f"== {model}")
         for row in best.filter(pl.col("model") == model).iter_rows(named=True):
             lines.append(
                 f"   best anchor probe, {row['position']:<10}: layer {row['layer']:>2}/{row['num_layers']}"
+                f"  accuracy {row['accuracy']:.3f} [{row['accuracy_ci_low']:.3f}, {row['accuracy_ci_high']:.3f}]"
+            )
+        for row in (vision.filter(pl.col("model") == model).iter_rows(named=True) if vision is not None else ()):
+            lines.append(
+                f"   best vision probe, {row['position']:<10}: layer {row['layer']:>2}/{row['num_layers']}"
                 f"  accuracy {row['accuracy']:.3f} [{row['accuracy_ci_low']:.3f}, {row['accuracy_ci_high']:.3f}]"
             )
         for position in stages.filter(pl.col("model") == model)["position"].unique(maintain_order=True).to_list():
@@ -85,7 +95,7 @@ def summary_text(res: Results, report: str | None = None) -> str:
             num_layers = int(metrics.filter(pl.col("model") == model)["num_layers"].max())
             lines.append(f"   expected answer leads the readout from layer: {_readout_text(readout, num_layers)}")
     roots = sorted({str(p) for p in res.runs.values()})
-    lines.append(f"Tables: {', '.join(f'{r}/<model>/{{metrics,stages,behaviour,answer_readout}}.parquet' for r in roots)}")
+    lines.append(f"Tables: {', '.join(f'{r}/<model>/{{metrics,stages,behaviour,answer_readout,vision_metrics}}.parquet' for r in roots)}")
     lines.append(f"Figures: {', '.join(f'{r}/figures/' for r in roots)}")
     if report:
         lines.append(f"Report: {report}")

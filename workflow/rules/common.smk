@@ -19,8 +19,8 @@ from stagelens.config import (
     patched_variants,
     rule_suffix,
 )
-from stagelens.positions import IMAGE_PASS, IMAGE_POSITIONS, has_text_before_image
-from stagelens.spec import model_layers
+from stagelens.positions import IMAGE_PASS, IMAGE_POSITIONS, VISION_PASS, has_text_before_image
+from stagelens.spec import model_layers, model_vision_layers
 
 # The same validation (and defaults) as the library's, so a config means the same everywhere.
 try:
@@ -51,6 +51,8 @@ BEFORE_IMAGE = [pid for pid, prompt in PROMPTS.items() if has_text_before_image(
 PATCHED = [variant["id"] for variant in patched_variants(config)]  # empty unless patching.enabled
 # The image pass's rows in the metrics tables: `prompt` and `family` name it (no prompt may).
 IMAGE_READOUT = {"id": IMAGE_PASS, "family": IMAGE_PASS, "expected": None}
+# The vision encoder's layers (read by the image pass too): their rows in the vision_metrics table.
+VISION_READOUT = {"id": VISION_PASS, "family": VISION_PASS, "expected": None}
 # stagelens.figures.FORMATS (not imported: altair would cost seconds per parse; a test holds them equal)
 FIGURE_FORMATS = ("png", "svg", "vl.json")
 MODEL_FIGURES = ("accuracy", "drop_heatmap", "answers", "answer_readout")
@@ -89,6 +91,11 @@ def image_embedding_path(model, split, layer):
     return f"{RESULTS}/{model}/embeddings/{split}/{IMAGE_PASS}/layer{layer}.parquet"
 
 
+def vision_embedding_path(model, split, layer):
+    """A vision-encoder layer's file, written by the image pass (patch mean, and CLS where there is one)."""
+    return f"{RESULTS}/{model}/embeddings/{split}/{VISION_PASS}/layer{layer}.parquet"
+
+
 def answers_path(model, split, prompt):
     return f"{RESULTS}/{model}/answers/{split}/{prompt}.parquet"
 
@@ -114,6 +121,18 @@ def image_control_probe_path(model, layer, ext="safetensors"):
     return f"{RESULTS}/{model}/probes/{IMAGE_PASS}/control/layer{layer}.{ext}"
 
 
+def vision_probe_path(model, layer, ext="safetensors"):
+    return f"{RESULTS}/{model}/probes/{VISION_PASS}/layer{layer}.{ext}"
+
+
+def vision_control_probe_path(model, layer, ext="safetensors"):
+    return f"{RESULTS}/{model}/probes/{VISION_PASS}/control/layer{layer}.{ext}"
+
+
+def vision_metrics_path(model, layer):
+    return f"{RESULTS}/{model}/metrics/{VISION_PASS}/layer{layer}.parquet"
+
+
 def metrics_path(model, prompt, layer):
     return f"{RESULTS}/{model}/metrics/{prompt}/layer{layer}.parquet"
 
@@ -128,7 +147,7 @@ def prompt_image_metrics_path(model, prompt, layer):
 
 
 def aggregate_path(model, table):
-    """table: metrics | stages | behaviour | answer_readout | patching | causal_onsets."""
+    """table: metrics | stages | behaviour | answer_readout | vision_metrics | patching | causal_onsets."""
     return f"{RESULTS}/{model}/{table}.parquet"
 
 
@@ -161,6 +180,24 @@ def benchmark_path(rule, *parts):
 def layers_of(model):
     """Layers of an enabled model: its explicit list, else 0..num_layers."""
     return model_layers(MODELS[model])
+
+
+def vision_layers_of(model):
+    """Vision-encoder layers of an enabled model ([] unless its vision_num_layers is set)."""
+    return model_vision_layers(MODELS[model])
+
+
+def vision_models():
+    """The models whose vision encoder is read and probed."""
+    return [model for model in MODELS if vision_layers_of(model)]
+
+
+def image_pass_outputs(model):
+    """Outputs of image_pass_<model>: the image positions per LM layer, and the vision layers' files."""
+    outputs = {"embeddings": [image_embedding_path(model, "{split}", layer) for layer in layers_of(model)]}
+    if vision_layers_of(model):
+        outputs["vision"] = [vision_embedding_path(model, "{split}", layer) for layer in vision_layers_of(model)]
+    return outputs
 
 
 def prompt_positions(model):
@@ -246,6 +283,7 @@ def extraction_targets():
             targets += [answers_path(model, split, prompt), answer_readout_path(model, split, prompt)]
         if has_image_pass(model):
             targets += [image_embedding_path(model, split, layer) for split in ("train", "test") for layer in layers_of(model)]
+        targets += [vision_embedding_path(model, split, layer) for split in ("train", "test") for layer in vision_layers_of(model)]
     return targets
 
 
@@ -274,6 +312,9 @@ def analysis_targets():
         targets += [
             model_figure_path(model, figure, fmt) for figure in MODEL_FIGURES for fmt in FIGURE_FORMATS
         ]
+    for model in vision_models():
+        targets.append(aggregate_path(model, "vision_metrics"))
+        targets += [model_figure_path(model, "pixels_to_answer", fmt) for fmt in FIGURE_FORMATS]
     for model in embedded_models():
         targets += [model_figure_path(model, "projector_loss", fmt) for fmt in FIGURE_FORMATS]
     targets += [depth_panel_path(fmt) for fmt in FIGURE_FORMATS]

@@ -3,7 +3,8 @@
 # extract_<model> keeps the prompt-dependent positions of one prompt, the model's answers and the
 # answer readout per layer (its final norm and unembedding on each layer's last-token state);
 # image_pass_<model> keeps the image positions of one split once: the tokens up to the last
-# image token, which every prompt shares (each prompt's job checks that from its token ids).
+# image token, which every prompt shares (each prompt's job checks that from its token ids), and,
+# where models.<m>.vision_num_layers is set, the vision encoder's layers of the same forward.
 
 for _model in MODELS:
 
@@ -46,7 +47,7 @@ for _model in [m for m in MODELS if has_image_pass(m)]:
         input:
             **extract_inputs(_model),
         output:
-            embeddings=[image_embedding_path(_model, "{split}", layer) for layer in layers_of(_model)],
+            **image_pass_outputs(_model),
         params:
             model_name=_model,
             model=MODELS[_model],

@@ -95,6 +95,64 @@ rule figures:
         "../../scripts/figures.py"
 
 
+rule aggregate_vision:
+    """The vision-encoder probe metrics of one model, a row per position x vision layer."""
+    input:
+        metrics=lambda wildcards: [vision_metrics_path(wildcards.model, layer) for layer in vision_layers_of(wildcards.model)],
+        probe_fits=lambda wildcards: [vision_probe_path(wildcards.model, layer, "json") for layer in vision_layers_of(wildcards.model)],
+        control_fits=lambda wildcards: [
+            vision_control_probe_path(wildcards.model, layer, "json") for layer in vision_layers_of(wildcards.model)
+        ],
+    output:
+        vision_metrics=aggregate_path("{model}", "vision_metrics"),
+    params:
+        model_name=lambda wildcards: wildcards.model,
+    log:
+        log_path("aggregate_vision", "{model}"),
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    conda:
+        STAGELENS_ENV
+    script:
+        "../../scripts/aggregate_vision.py"
+
+
+rule pixels_to_answer:
+    """From pixels to answer for one model: class-probe accuracy along the vision encoder's layers,
+    the projector and the LM's layers, above the answer readout by layer."""
+    input:
+        metrics=aggregate_path("{model}", "metrics"),
+        vision_metrics=aggregate_path("{model}", "vision_metrics"),
+        answer_readout=aggregate_path("{model}", "answer_readout"),
+    output:
+        svg=report(
+            model_figure_path("{model}", "pixels_to_answer", "svg"),
+            caption="../report/pixels_to_answer.rst",
+            category="Per model",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "from pixels to answer"},
+        ),
+        png=model_figure_path("{model}", "pixels_to_answer", "png"),
+        json=model_figure_path("{model}", "pixels_to_answer", "vl.json"),
+    params:
+        model=lambda wildcards: MODELS[wildcards.model],
+        probe=config["probe"],
+        evaluate=config["evaluate"],
+        seed=config["seed"],
+    log:
+        log_path("pixels_to_answer", "{model}"),
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    conda:
+        STAGELENS_ENV
+    script:
+        "../../scripts/pixels_to_answer.py"
+
+
 rule depth_panel:
     """Drop against the anchor on normalised depth for every model, detected stages shaded, causal
     onsets marked where patching is enabled."""

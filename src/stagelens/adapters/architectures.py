@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from stagelens.adapters import EMBEDDED_MODEL_TYPE
+
 
 @dataclass(frozen=True)
 class ArchitectureFacts:
@@ -113,6 +115,57 @@ _FACTS = [
 ]
 
 ARCHITECTURES: dict[str, ArchitectureFacts] = {f.model_type: f for f in _FACTS}
+
+# How a vision block's output holds the images of one batch (stagelens.adapters.vision splits it):
+# "batch": (images, tokens, dim), one row per image (CLIP / SigLIP towers);
+# "tiles": (tiles, tokens, dim), each image's tiles in consecutive rows, counted from image_sizes
+#          (LLaVA-NeXT anyres: tile 0 is the whole image resized, then the high-resolution crops);
+# "packed": (sum of tokens, dim), each image's t*h*w patches in turn, counted from image_grid_thw
+#           (Qwen2-VL); "spatial": (images, channels, height, width) feature maps (CNN stages).
+VISION_LAYOUTS = ("batch", "tiles", "packed", "spatial")
+
+
+@dataclass(frozen=True)
+class VisionTowerFacts:
+    """Where a family's vision encoder keeps its blocks and how their outputs split per image.
+
+    Vision layer convention (as the LM's): layer 0 = input to the first block, layer v = output of
+    block v (before any post-norm). The projector reads the layer named by the model config's
+    `feature_layer_key` (negative: from the end of hidden_states), else the last one.
+    """
+
+    blocks: str  # dotted path (from the loaded model) to the vision encoder's block list
+    layout: str  # one of VISION_LAYOUTS
+    cls_token: bool  # token 0 of each image (of each tile) is a CLS token
+    feature_layer_key: str = ""  # config attribute naming the vision layer the projector reads
+    projector: str = ""  # what the projector does with that layer, in words (metadata, docs)
+
+
+_CLIP_LLAVA = "multi_modal_projector (2-layer MLP) on the patch tokens of vision_feature_layer; strategy " \
+    "'default' drops CLS"
+VISION_TOWERS: dict[str, VisionTowerFacts] = {
+    "llava": VisionTowerFacts("model.vision_tower.encoder.layers", "batch", cls_token=True,
+                              feature_layer_key="vision_feature_layer", projector=_CLIP_LLAVA),
+    "llava_next": VisionTowerFacts("model.vision_tower.encoder.layers", "tiles", cls_token=True,
+                                   feature_layer_key="vision_feature_layer",
+                                   projector=_CLIP_LLAVA + "; tiles unpadded and one image_newline vector per row "
+                                   "appended (pack_image_features)"),
+    "qwen2_vl": VisionTowerFacts("model.visual.blocks", "packed", cls_token=False,
+                                 projector="PatchMerger (LayerNorm + MLP over 2x2 neighbouring patches) on the last "
+                                 "block's output"),
+    "gemma3": VisionTowerFacts("model.vision_tower.encoder.layers", "batch", cls_token=False,
+                               projector="Gemma3MultiModalProjector on the last block's output after the tower's "
+                               "post_layernorm: 4x4 average pooling to 256 tokens, RMSNorm, linear"),
+    # The embedded model (stagelens.adapters.embedded): EfficientNet-Lite0's MBConv stages and its
+    # 1x1 head conv (PatchEncoder.stages); layer 0 is the stem's output.
+    EMBEDDED_MODEL_TYPE: VisionTowerFacts("vision.stages", "spatial", cls_token=False,
+                                          projector="2-layer MLP on each of the head's 7x7 = 49 patch vectors"),
+}
+
+
+def vision_facts_for(model_type: str) -> VisionTowerFacts | None:
+    """The vision tower entry of a model_type, or None (its vision layers cannot be read here)."""
+    return VISION_TOWERS.get(model_type)
 
 
 def facts_for(model_type: str) -> ArchitectureFacts | None:

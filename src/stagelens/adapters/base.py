@@ -42,13 +42,16 @@ class BatchVectors:
     for the image pass, which stops at the last image token. readout (prompt pass only) has
     shape (n_layers_kept, batch, len(ANSWER_WORDS)): log-probabilities of the answer words read
     from each kept layer's last-token state through the model's own final norm and unembedding
-    (stagelens.adapters.readout); None for the image pass.
+    (stagelens.adapters.readout); None for the image pass. vision (image pass with vision layers
+    requested only): vision position -> per requested vision layer an (batch, dim_v) float32 array
+    (dims differ per layer in a CNN; stagelens.adapters.vision).
     """
 
     vectors: dict[str, np.ndarray]
     answer_probs: np.ndarray
     n_image_tokens: np.ndarray  # (batch,) image placeholder tokens per sample
     readout: np.ndarray | None = None
+    vision: dict[str, list[np.ndarray]] | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -79,8 +82,11 @@ class ModelAdapter(Protocol):
         """Token ids of the rendered prompt and where its image tokens and question end."""
         ...
 
-    def forward_image(self, images: Sequence[Image.Image], layers: Sequence[int]) -> BatchVectors:
-        """The image pass: only the tokens up to the last image token, keeping IMAGE_POSITIONS."""
+    def forward_image(
+        self, images: Sequence[Image.Image], layers: Sequence[int], vision_layers: Sequence[int] = ()
+    ) -> BatchVectors:
+        """The image pass: only the tokens up to the last image token, keeping IMAGE_POSITIONS (and
+        the vision encoder's `vision_layers`)."""
         ...
 
     def forward(
@@ -107,7 +113,10 @@ class PreparingAdapter:
         text put right before the image (see ModelAdapter.render_prompt)."""
         raise NotImplementedError
 
-    def forward_prepared(self, prepared: Any, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
+    def forward_prepared(
+        self, prepared: Any, layers: Sequence[int], positions: Sequence[str], vision_layers: Sequence[int] = ()
+    ) -> BatchVectors:
+        """vision_layers: the vision encoder's layers to keep (image pass only)."""
         raise NotImplementedError
 
     def forward(
@@ -120,8 +129,11 @@ class PreparingAdapter:
     ) -> BatchVectors:
         return self.forward_prepared(self.prepare(images, question, before_image=before_image), layers, positions)
 
-    def forward_image(self, images: Sequence[Image.Image], layers: Sequence[int]) -> BatchVectors:
-        return self.forward_prepared(self.prepare(images, IMAGE_PASS_QUESTION, image_only=True), layers, IMAGE_POSITIONS)
+    def forward_image(
+        self, images: Sequence[Image.Image], layers: Sequence[int], vision_layers: Sequence[int] = ()
+    ) -> BatchVectors:
+        prepared = self.prepare(images, IMAGE_PASS_QUESTION, image_only=True)
+        return self.forward_prepared(prepared, layers, IMAGE_POSITIONS, vision_layers)
 
 
 def check_positions(positions: Sequence[str], image_only: bool) -> None:

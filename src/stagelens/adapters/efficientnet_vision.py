@@ -39,6 +39,18 @@ class PatchEncoder(nn.Module):
         features = self.net.extract_features(pixel_values)  # (B, 1280, 7, 7)
         return features.flatten(2).transpose(1, 2)
 
+    @property
+    def stages(self) -> list[nn.Module]:
+        """The modules whose outputs are the vision layers 1..8 (architectures.VISION_TOWERS): the
+        last MBConv block of each of the 7 stages (a stage: consecutive blocks of one output width),
+        then this encoder itself (the 1x1 head conv's map as (B, 49, 1280) patch vectors).
+        Layer 0, the stem's output, is the input of the first block. A plain list, so no module
+        is registered twice."""
+        blocks = list(self.net._blocks)
+        ends = [b for b, after in zip(blocks, blocks[1:] + [None])
+                if after is None or after._block_args.output_filters != b._block_args.output_filters]
+        return [*ends, self]
+
 
 def preprocess(
     images: Sequence[Image.Image],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stagelens.adapters import EMBEDDED_MODEL_TYPE as MODEL_TYPE
+from stagelens.adapters.architectures import vision_facts_for
 from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter, check_positions
 from stagelens.adapters.efficientnet_vision import (
     FEATURE_DIM,
@@ -39,6 +41,7 @@ from stagelens.adapters.efficientnet_vision import (
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index
 from stagelens.adapters.readout import READOUT_RULE, AnswerReadout, causal_lm_parts, logit_softcap
 from stagelens.adapters.residual_patch import Continuation
+from stagelens.adapters.vision import check_vision_request, load_vision_tower
 from stagelens.prompt_layout import PromptLayout, prompt_layout
 from stagelens.prompts import answer_token_ids
 from stagelens.spec import ModelSpec, resolve_device, torch_dtype
@@ -203,6 +206,7 @@ class EmbeddedAdapter(PreparingAdapter):
         self.blocks = find_decoder_layers(model.lm)
         self.readout = AnswerReadout(*causal_lm_parts(model.lm), self._answer_ids, logit_softcap(model.lm))
         self.extra_metadata = {"readout_rule": READOUT_RULE}
+        self.vision = load_vision_tower(model, vision_facts_for(MODEL_TYPE))
 
     def render_prompt(self, question: str, before_image: str = "") -> str:
         return self.model.render_prompt(question, before_image)
@@ -227,10 +231,14 @@ class EmbeddedAdapter(PreparingAdapter):
         )
 
     @torch.no_grad()
-    def forward_prepared(self, prepared: PreparedBatch, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
-        """`forward` on the output of `prepare`; no answer probabilities for the image pass."""
+    def forward_prepared(
+        self, prepared: PreparedBatch, layers: Sequence[int], positions: Sequence[str], vision_layers: Sequence[int] = ()
+    ) -> BatchVectors:
+        """`forward` on the output of `prepare`; no answer probabilities for the image pass, which
+        also keeps the EfficientNet stages `vision_layers`."""
         image_only = prepared.question_last_from_end is None
         check_positions(positions, image_only)
+        check_vision_request(self.vision, vision_layers, image_only, self.info.architecture)
         model = self.model
         device = next(model.parameters()).device
         # The prompt pass always keeps `last` at every layer: the answer readout reads it.
@@ -241,7 +249,8 @@ class EmbeddedAdapter(PreparingAdapter):
         image_mask = input_ids == model.config.image_token_id
         last = last_token_index(attention_mask)
         capture.set_batch(last, image_mask, None if image_only else last - prepared.question_last_from_end)
-        with capture.attached():
+        vision = self.vision.capture(vision_layers, input_ids.shape[0], {}, None) if vision_layers else None
+        with capture.attached(), vision.attached() if vision else nullcontext():
             inputs_embeds = model.inputs_embeds(input_ids, prepared.pixel_values)
             out = model.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         if image_only:
@@ -249,6 +258,7 @@ class EmbeddedAdapter(PreparingAdapter):
                 vectors=capture.vectors(),
                 answer_probs=np.zeros((input_ids.shape[0], 0), dtype=np.float32),
                 n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
+                vision=vision.vectors() if vision else None,
             )
         probs = out.logits[:, -1, :].float().softmax(dim=-1).cpu()
         # Same scoring as the HF adapters: a word's probability is the max over its spellings.

@@ -11,6 +11,7 @@ cached decode step per such token.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,12 +21,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stagelens.adapters.architectures import ArchitectureFacts, module_at
+from stagelens.adapters.architectures import ArchitectureFacts, module_at, vision_facts_for
 from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter, check_positions
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
 from stagelens.adapters.readout import READOUT_RULE, AnswerReadout, causal_lm_parts, logit_softcap
 from stagelens.adapters.residual_patch import Continuation
 from stagelens.adapters.qwen_processor import load_processor, torchvision_available
+from stagelens.adapters.vision import check_vision_request, load_vision_tower
 from stagelens.prompt_layout import PromptLayout, expanded_layout
 from stagelens.prompts import answer_token_paths, build_inputs, render_prompt
 from stagelens.spec import ModelSpec, resolve_device, torch_dtype
@@ -88,6 +90,9 @@ class HFAdapter(PreparingAdapter):
         else:
             norm, head = causal_lm_parts(model)
         self.readout = AnswerReadout(norm, head, [self.answer_ids[w] for w in ANSWER_WORDS], logit_softcap(model))
+        # The vision encoder's blocks, where its family is in architectures.VISION_TOWERS.
+        vision_facts = vision_facts_for(facts.model_type) if facts is not None else None
+        self.vision = load_vision_tower(model, vision_facts, model.config)
 
     @property
     def extra_metadata(self) -> dict[str, object]:
@@ -224,10 +229,14 @@ class HFAdapter(PreparingAdapter):
             raise RuntimeError("the image pass must end at the last image token of every row")
         return Prepared(inputs, None)
 
-    def forward_prepared(self, prepared: Prepared, layers: Sequence[int], positions: Sequence[str]) -> BatchVectors:
-        """`forward` on the output of `prepare`; no answer probabilities for the image pass."""
+    def forward_prepared(
+        self, prepared: Prepared, layers: Sequence[int], positions: Sequence[str], vision_layers: Sequence[int] = ()
+    ) -> BatchVectors:
+        """`forward` on the output of `prepare`; no answer probabilities for the image pass, which
+        also keeps the vision encoder's `vision_layers`."""
         image_only = prepared.question_last_from_end is None
         check_positions(positions, image_only)
+        check_vision_request(self.vision, vision_layers, image_only, self.info.architecture)
         inputs = prepared.inputs.to(self._device).to(self._dtype)
         mask = inputs["attention_mask"]
         last = last_token_index(mask)
@@ -249,12 +258,14 @@ class HFAdapter(PreparingAdapter):
         capture.set_batch(last, image_mask, None if image_only else last - prepared.question_last_from_end)
         kwargs = self.model_kwargs(inputs)
         if image_only:
-            with torch.inference_mode(), capture.attached():
+            vision = self.vision.capture(vision_layers, mask.shape[0], inputs, self.model.config) if vision_layers else None
+            with torch.inference_mode(), capture.attached(), vision.attached() if vision else nullcontext():
                 self.model(**kwargs, logits_to_keep=1, use_cache=False)
             return BatchVectors(
                 vectors=capture.vectors(),
                 answer_probs=np.zeros((mask.shape[0], 0), dtype=np.float32),
                 n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
+                vision=vision.vectors() if vision else None,
             )
         seen: dict[str, torch.Tensor | None] = {}
 
