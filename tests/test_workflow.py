@@ -472,17 +472,13 @@ def test_summary_names_the_best_layers_and_answers(finished_run):
     workdir, cfg = finished_run
     text = summary_text(load_results(workdir / "results"), "report.html")
     metrics = pl.read_parquet(workdir / "results" / "tiny-llava" / "metrics.parquet").filter(pl.col("prompt").is_in(["anchor", "image"]))
-    for position in ("last", "image_mean"):
-        part = metrics.filter(pl.col("position") == position)
-        top = part["accuracy"].max()
-        layer = part.filter(pl.col("accuracy") == top)["layer"].min()
-        assert f"{position:<10}: layer {layer:>2}/2  accuracy {top:.3f}" in text
     vision = pl.read_parquet(workdir / "results" / "tiny-llava" / "vision_metrics.parquet")
-    for position in ("patch_mean", "cls"):
-        part = vision.filter(pl.col("position") == position)
+    for table, position, probe in ((metrics, "last", "anchor"), (metrics, "image_mean", "anchor"),
+                                   (vision, "patch_mean", "vision"), (vision, "cls", "vision")):
+        part = table.filter(pl.col("position") == position)
         top = part["accuracy"].max()
         layer = part.filter(pl.col("accuracy") == top)["layer"].min()
-        assert f"best vision probe, {position:<10}: layer {layer:>2}/2  accuracy {top:.3f}" in text
+        assert f"best {probe} probe, {position:<10}: layer {layer:>2}/2  accuracy {top:.3f}" in text
     behaviour = pl.read_parquet(workdir / "results" / "tiny-llava" / "behaviour.parquet")
     for row in behaviour.iter_rows(named=True):
         assert f"{row['prompt']:<14} ({row['expected']:>3})  {row['share_yes']:>4.0%}" in text
