@@ -7,7 +7,9 @@ Estimates, printed (never asserted):
 - embedding disk: (L + 1) layers x positions x width x bytes per image pass, before and after
   the image pass (before: every prompt's files also held the image positions; after: the image
   positions once per image, the prompts' files only the prompt-dependent ones), and the GPU cost
-  of the image pass itself (image tokens + the template's few tokens before them, per image);
+  of the image pass itself (image tokens + the template's few tokens before them, per image), and
+  the vision-layer files it also writes (vision_num_layers + 1 layers x positions x the tower's
+  width, once per image);
 - probe training: one job per layer fits, per position, the CV grid (folds x Cs), the refit and
   the shuffled-label control; with --measure-fit, one position is fitted with the torch solver
   (probe.solver: torch) on synthetic hidden states of the paper's size (6,000 x 4,096, 120
@@ -39,6 +41,9 @@ MODELS = {
 }
 WIDTH = {"llava-hf/llava-1.5-7b-hf": 4096, "llava-hf/llama3-llava-next-8b-hf": 4096,
          "Qwen/Qwen2-VL-7B-Instruct": 3584, "llava-hf/llava-v1.6-vicuna-7b-hf": 4096}
+# The vision tower's width and its positions per vision layer (patch mean, and CLS where it has one).
+VISION = {"llava-hf/llava-1.5-7b-hf": (1024, 2), "llava-hf/llama3-llava-next-8b-hf": (1024, 2),
+          "Qwen/Qwen2-VL-7B-Instruct": (1280, 1), "llava-hf/llava-v1.6-vicuna-7b-hf": (1024, 2)}
 PROMPT_TOKENS = 35  # template + question: 27-40 tokens for the paper prompts in the real vocabularies
 PREFIX_TOKENS = 20  # template tokens before the last image token: 4 (LLaVA-1.5) to 20 (Qwen2-VL's system turn)
 IMAGE_POSITIONS = ("image_mean",)  # stagelens.positions.IMAGE_POSITIONS (not imported: no install needed)
@@ -67,8 +72,9 @@ def gpu_and_disk(cfg: dict, tflops: float, all_models: bool) -> None:
     images = train + test // prompts
     print(f"image passes per model: {train} train (anchor) + {test} test ({prompts} prompts) = {passes}; "
           f"image pass: {images} images (train + test, once each)")
-    print(f"{'model':<24}{'T':>6}{'TFLOP/img':>11}{'GPU h':>8}{'+image h':>9}{'GiB before':>11}{'GiB after':>10}")
-    total_h = total_image_h = total_before = total_after = 0.0
+    print(f"{'model':<24}{'T':>6}{'TFLOP/img':>11}{'GPU h':>8}{'+image h':>9}{'GiB before':>11}{'GiB after':>10}"
+          f"{'+vision GiB':>12}")
+    total_h = total_image_h = total_before = total_after = total_vision = 0.0
     # A prompt with text before the image keeps its own image positions on the test split.
     own_image = sum(bool(v.get("before_image")) for v in cfg["prompts"].get("variants", [])) * (test // prompts)
     for name, m in cfg["models"].items():
@@ -88,9 +94,14 @@ def gpu_and_disk(cfg: dict, tflops: float, all_models: bool) -> None:
         after = (passes * (len(positions) - n_image) + (images + own_image) * n_image) * vector / GIB
         total_h, total_image_h = total_h + hours, total_image_h + (image_hours if n_image else 0.0)
         total_before, total_after = total_before + before, total_after + after
+        vision_width, vision_positions = VISION[m["path"]]
+        vision_layers = len(m.get("vision_layers") or range(m["vision_num_layers"] + 1)) if m.get("vision_num_layers") else 0
+        vision = images * vision_layers * vision_positions * vision_width * nbytes / GIB
+        total_vision += vision
         print(f"{name:<24}{tokens:>6}{tflop:>11.1f}{hours:>8.2f}{image_hours if n_image else 0.0:>9.2f}"
-              f"{before:>11.1f}{after:>10.1f}")
-    print(f"{'total':<24}{'':>6}{'':>11}{total_h:>8.2f}{total_image_h:>9.2f}{total_before:>11.1f}{total_after:>10.1f}")
+              f"{before:>11.1f}{after:>10.1f}{vision:>12.1f}")
+    print(f"{'total':<24}{'':>6}{'':>11}{total_h:>8.2f}{total_image_h:>9.2f}{total_before:>11.1f}{total_after:>10.1f}"
+          f"{total_vision:>12.1f}")
     print(f"(effective throughput {tflops:.0f} TFLOP/s; model loading, image decoding and padding not included; "
           "+image h: the image pass, which stops at the last image token)")
 
@@ -142,8 +153,12 @@ def main() -> None:
     positions, fits, n, classes = probe_plan(cfg)
     layers = sum(len(m.get("layers") or range(m["num_layers"] + 1))
                  for m in cfg["models"].values() if m.get("enabled", True) or args.all_models)
+    vision_layers = sum(len(m.get("vision_layers") or range(m["vision_num_layers"] + 1))
+                        for m in cfg["models"].values()
+                        if m.get("vision_num_layers") and (m.get("enabled", True) or args.all_models))
     print(f"\nprobe jobs: {layers} train_probe + {layers} train_image_probe (one each per model x layer), "
-          f"{fits} logistic-regression fits per layer over both ({n} samples, {classes} classes)")
+          f"{fits} logistic-regression fits per layer over both ({n} samples, {classes} classes); "
+          f"{vision_layers} train_vision_probe (one per model x vision layer, its tower's width)")
     if args.measure_fit:
         seconds, iters, converged = measure_fit(classes, n // classes, 4096, args.device, args.threads)
         per_job = positions * seconds
