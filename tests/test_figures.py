@@ -197,7 +197,11 @@ def _vision_metrics(vision_layers: int = 3) -> pl.DataFrame:
 
 
 def test_pixels_to_answer_puts_vision_projector_and_lm_layers_on_one_axis(tmp_path):
-    spec = _save_and_load(pixels_to_answer_chart(_metrics("m", 4), _vision_metrics(3), _answer_readout(4), "m"),
+    # A prompt with text before the image has image-token rows of its own: not the projector's output.
+    own = _metrics("m", 4).filter(pl.col("readout") == "image").with_columns(
+        pl.lit("look_first").alias("prompt"), pl.lit("lexical").alias("family"), pl.lit(0.05).alias("accuracy"))
+    metrics = pl.concat([_metrics("m", 4), own], how="diagonal_relaxed")
+    spec = _save_and_load(pixels_to_answer_chart(metrics, _vision_metrics(3), _answer_readout(4), "m"),
                           tmp_path, "pixels_to_answer")
     upper, lower = spec["vconcat"]
     assert len(lower["hconcat"]) == 2  # the answer readout panel under it

@@ -366,6 +366,8 @@ def test_run_writes_the_documented_files(finished_run):
     spec = json.loads((res / "figures" / "tiny-llava" / "pixels_to_answer.vl.json").read_text())
     steps = next(d for d in spec["datasets"].values() if d and "step" in d[0])
     assert {r["series"] for r in steps} >= {"vision encoder (patch_mean)", "vision encoder (cls)", "LM image tokens (image_mean)"}
+    # One point per layer: the image pass's image tokens, not those of the prompt with text before the image.
+    assert sorted(r["step"] for r in steps if r["series"] == "LM image tokens (image_mean)") == [3, 4, 5]
 
 
 @pytest.mark.slow

@@ -307,7 +307,9 @@ def pixels_to_answer_data(metrics: pl.DataFrame, vision_metrics: pl.DataFrame) -
     V = int(vision_metrics["num_layers"][0])
     vision = vision_metrics.with_columns((pl.lit("vision encoder (") + pl.col("position") + pl.lit(")")).alias("series"),
                                          pl.col("layer").alias("step"))
-    image = metrics.filter((pl.col("readout") == "image") & (pl.col("position") == "image_mean"))
+    # The image pass's rows (a prompt with text before the image has image-token rows of its own).
+    image = metrics.filter((pl.col("readout") == "image") & (pl.col("prompt") == IMAGE_PASS)
+                           & (pl.col("position") == "image_mean"))
     anchor = metrics.filter((pl.col("readout") == "prompt") & (pl.col("family") == "anchor"))
     positions = anchor["position"].unique().to_list()
     anchor = anchor.filter(pl.col("position") == ("last" if "last" in positions else sorted(positions)[0]))
