@@ -23,6 +23,7 @@ if hasattr(smk.params, "prompt"):  # extract_<model>; image_pass_<model> has no 
     summary = extract(adapter, spec, samples, dict(smk.params.prompt), embeddings, smk.output.answers, split=split,
                       readout_path=smk.output.answer_readout)
 else:
-    summary = extract_image(adapter, spec, samples, embeddings, split=split, vision_paths=list(smk.output.get("vision", [])))
+    vision = list(getattr(smk.output, "vision", []))  # the vision layers' files, where the model reads them
+    summary = extract_image(adapter, spec, samples, embeddings, split=split, vision_paths=vision)
 print(f"wrote {summary['rows']} rows x {len(summary['layers'])} layers (+ {len(summary['vision_layers'])} vision "
       f"layers) in {summary['seconds']:.1f} s", file=sys.stderr)
