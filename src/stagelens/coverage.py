@@ -14,6 +14,9 @@ through stagelens' hooks:
 - batch:        a batch of 4 mixed-size images (left padding) equals 4 single forwards
 - answers:      answer-word probabilities equal the softmax of the reference logits, and so does
                 the answer readout at layer L (the table's final norm and unembedding)
+- vision:       the image pass's vision-layer vectors of a batch of 4 (per image its patch mean,
+                and CLS where the tower has one) equal the tower's own output_hidden_states of each
+                image run alone (last entry untied from last_hidden_state; fp32, 1e-5); n/a with the reason for a family VISION_TOWERS omits
 
 `python -m stagelens.coverage` runs every family and writes docs/coverage.json and the support
 table between the markers in README.md; tests hold both to a fresh run.
@@ -30,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-COLUMNS = ("loads", "template", "image_tokens", "last", "image_mean", "parts", "batch", "answers")
+COLUMNS = ("loads", "template", "image_tokens", "last", "image_mean", "parts", "batch", "answers", "vision")
 QUESTION = "Does this image show an animal? The answer must be always yes or no."
 # (width, height): square, wide and tall, so tiling families produce different token counts.
 IMAGE_SIZES = ((48, 48), (96, 32), (32, 96), (64, 48))
@@ -227,6 +230,70 @@ def _check_loaded(adapter, results: dict[str, str]) -> None:
     column("parts", parts)
     column("batch", batched)
     column("answers", answers)
+    column("vision", lambda: _check_vision(adapter, batch))
+
+
+def tower_hidden_states(adapter, image) -> tuple:
+    """The vision tower's own output_hidden_states for one image: the call the model makes in its
+    forward (caught by a pre-hook), made again with output_hidden_states=True."""
+    import torch
+
+    from stagelens.adapters.architectures import module_at
+
+    tower = module_at(adapter.model, adapter.facts.vision_tower)
+    call: dict = {}
+
+    def catch(_module, args, kwargs):
+        call.setdefault("args", args)
+        call.setdefault("kwargs", kwargs)
+
+    handle = tower.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            adapter.model(**adapter.model_kwargs(adapter.build_inputs([image], QUESTION)), use_cache=False)
+    finally:
+        handle.remove()
+    # Untied: transformers' capture_outputs would put the tower's last_hidden_state in place of the
+    # last block's output (GLM-4V's is after post_layernorm and a downsampling conv).
+    config, tied = tower.config, getattr(tower.config, "tie_last_hidden_states", None)
+    config.tie_last_hidden_states = False
+    try:
+        with torch.no_grad():
+            out = tower(*call["args"], **{**call["kwargs"], "output_hidden_states": True, "return_dict": True})
+    finally:
+        if tied is None:
+            del config.tie_last_hidden_states
+        else:
+            config.tie_last_hidden_states = tied
+    return out.hidden_states
+
+
+def _check_vision(adapter, batch) -> str:
+    """The `vision` column: every vision layer of a batch against each image's tower run alone."""
+    from stagelens.adapters.architectures import VISION_UNREAD
+
+    vision = adapter.vision
+    if vision is None:
+        if adapter.facts.model_type not in VISION_UNREAD:
+            raise AssertionError("no VISION_TOWERS entry and no reason in VISION_UNREAD")
+        return f"n/a: {VISION_UNREAD[adapter.facts.model_type]}"
+    n_blocks = vision.num_layers
+    got = adapter.forward_image(batch, [0], list(range(n_blocks + 1))).vision
+    whole = 0 if vision.facts.whole_image_tile == "first" else -1
+    for i, image in enumerate(batch):
+        hidden = tower_hidden_states(adapter, image)
+        if len(hidden) != n_blocks + 1:
+            raise AssertionError(f"the tower records {len(hidden)} hidden states for {n_blocks} blocks")
+        for v, h in enumerate(hidden):
+            # One image alone: every row (tile) and token is its own; token 0 of each tile is CLS.
+            h = h.double().reshape(-1, h.shape[-1]) if vision.facts.layout == "packed" else h.double()
+            if vision.facts.cls_token:
+                _close(got["patch_mean"][v][i], h[:, 1:].mean((0, 1)).numpy(), f"vision layer {v} patch mean, image {i}")
+                _close(got["cls"][v][i], h[whole, 0].numpy(), f"vision layer {v} CLS, image {i}")
+            else:
+                _close(got["patch_mean"][v][i], h.reshape(-1, h.shape[-1]).mean(0).numpy(),
+                       f"vision layer {v} patch mean, image {i}")
+    return f"pass ({n_blocks + 1} layers{', CLS' if vision.facts.cls_token else ''})"
 
 
 def check(model_type: str, workdir: str | Path, checkpoint: str | Path | None = None) -> dict[str, str]:

@@ -118,11 +118,17 @@ ARCHITECTURES: dict[str, ArchitectureFacts] = {f.model_type: f for f in _FACTS}
 
 # How a vision block's output holds the images of one batch (stagelens.adapters.vision splits it):
 # "batch": (images, tokens, dim), one row per image (CLIP / SigLIP towers);
-# "tiles": (tiles, tokens, dim), each image's tiles in consecutive rows, counted from image_sizes
-#          (LLaVA-NeXT anyres: tile 0 is the whole image resized, then the high-resolution crops);
-# "packed": (sum of tokens, dim), each image's t*h*w patches in turn, counted from image_grid_thw
-#           (Qwen2-VL); "spatial": (images, channels, height, width) feature maps (CNN stages).
+# "tiles": (tiles, tokens, dim), each image's tiles in consecutive rows (LLaVA-NeXT anyres, InternVL
+#          crops); "packed": (sum of tokens, dim) or (1, sum of tokens, dim), each image's patches in
+#          turn (Qwen2-VL, Pixtral); "spatial": (images, channels, height, width) feature maps (CNN stages).
 VISION_LAYOUTS = ("batch", "tiles", "packed", "spatial")
+# Where a "tiles" / "packed" layout reads each image's share of the rows / patches:
+# "anyres": tiles from image_sizes as LLaVA-NeXT's image_size_to_num_patches counts them;
+# "image_tokens": tiles in proportion to the image's image tokens in its prompt (every tile expands
+#                 to the same number of image tokens: InternVL / Aya Vision crops);
+# "grid_thw": t*h*w patches from image_grid_thw (Qwen-VL / GLM-4V);
+# "patch_grid": (height // patch_size) * (width // patch_size) patches from image_sizes (Pixtral).
+VISION_COUNTS = ("anyres", "image_tokens", "grid_thw", "patch_grid")
 
 
 @dataclass(frozen=True)
@@ -139,27 +145,81 @@ class VisionTowerFacts:
     cls_token: bool  # token 0 of each image (of each tile) is a CLS token
     feature_layer_key: str = ""  # config attribute naming the vision layer the projector reads
     projector: str = ""  # what the projector does with that layer, in words (metadata, docs)
+    counts: str = ""  # one of VISION_COUNTS for "tiles" / "packed" layouts
+    # The tile holding the whole image (its CLS is the image's): "first" (LLaVA-NeXT's base image)
+    # or "last" (InternVL's thumbnail, appended after the crops; a single tile is the whole image).
+    whole_image_tile: str = "first"
 
 
 _CLIP_LLAVA = "multi_modal_projector (2-layer MLP) on the patch tokens of vision_feature_layer; strategy " \
     "'default' drops CLS"
+_QWEN_MERGER = "PatchMerger (norm + MLP over 2x2 neighbouring patches) on the last block's output"
+_GLM_MERGER = "post_layernorm, 2x2 stride-2 conv downsample and Glm4vVisionPatchMerger on the last block's output"
+_SIGLIP_POST = "on the last block's output after the tower's post_layernorm"
+_ANYRES = "; tiles unpadded and one image_newline vector per row appended (pack_image_features)"
 VISION_TOWERS: dict[str, VisionTowerFacts] = {
     "llava": VisionTowerFacts("model.vision_tower.encoder.layers", "batch", cls_token=True,
                               feature_layer_key="vision_feature_layer", projector=_CLIP_LLAVA),
     "llava_next": VisionTowerFacts("model.vision_tower.encoder.layers", "tiles", cls_token=True,
-                                   feature_layer_key="vision_feature_layer",
-                                   projector=_CLIP_LLAVA + "; tiles unpadded and one image_newline vector per row "
-                                   "appended (pack_image_features)"),
-    "qwen2_vl": VisionTowerFacts("model.visual.blocks", "packed", cls_token=False,
-                                 projector="PatchMerger (LayerNorm + MLP over 2x2 neighbouring patches) on the last "
-                                 "block's output"),
+                                   feature_layer_key="vision_feature_layer", projector=_CLIP_LLAVA + _ANYRES,
+                                   counts="anyres"),
+    "llava_onevision": VisionTowerFacts("model.vision_tower.encoder.layers", "tiles", cls_token=False,
+                                        feature_layer_key="vision_feature_layer",
+                                        projector="multi_modal_projector (2-layer MLP) on vision_feature_layer of "
+                                        "the SigLIP tower" + _ANYRES, counts="anyres"),
+    "qwen2_vl": VisionTowerFacts("model.visual.blocks", "packed", cls_token=False, projector=_QWEN_MERGER,
+                                 counts="grid_thw"),
+    # Window attention reorders the patches inside each image only: the per-image mean is unchanged.
+    "qwen2_5_vl": VisionTowerFacts("model.visual.blocks", "packed", cls_token=False, projector=_QWEN_MERGER,
+                                   counts="grid_thw"),
+    "qwen3_vl": VisionTowerFacts("model.visual.blocks", "packed", cls_token=False, counts="grid_thw",
+                                 projector=_QWEN_MERGER + "; DeepStack mergers also read the blocks of "
+                                 "vision_config.deepstack_visual_indexes and add them to early LM layers"),
+    "qwen3_vl_moe": VisionTowerFacts("model.visual.blocks", "packed", cls_token=False, counts="grid_thw",
+                                     projector=_QWEN_MERGER + "; DeepStack mergers also read the blocks of "
+                                     "vision_config.deepstack_visual_indexes and add them to early LM layers"),
+    "glm4v": VisionTowerFacts("model.visual.blocks", "packed", cls_token=False, projector=_GLM_MERGER,
+                              counts="grid_thw"),
+    "glm4v_moe": VisionTowerFacts("model.visual.blocks", "packed", cls_token=False, projector=_GLM_MERGER,
+                                  counts="grid_thw"),
+    "glm46v": VisionTowerFacts("model.visual.blocks", "packed", cls_token=False, projector=_GLM_MERGER,
+                               counts="grid_thw"),
     "gemma3": VisionTowerFacts("model.vision_tower.encoder.layers", "batch", cls_token=False,
-                               projector="Gemma3MultiModalProjector on the last block's output after the tower's "
-                               "post_layernorm: 4x4 average pooling to 256 tokens, RMSNorm, linear"),
+                               projector="Gemma3MultiModalProjector " + _SIGLIP_POST + ": 4x4 average pooling to "
+                               "256 tokens, RMSNorm, linear"),
+    "paligemma": VisionTowerFacts("model.vision_tower.encoder.layers", "batch", cls_token=False,
+                                  projector="PaliGemmaMultiModalProjector (linear) " + _SIGLIP_POST +
+                                  ", scaled by 1/sqrt(hidden_size)"),
+    "internvl": VisionTowerFacts("model.vision_tower.encoder.layer", "tiles", cls_token=True,
+                                 feature_layer_key="vision_feature_layer", counts="image_tokens",
+                                 whole_image_tile="last",
+                                 projector="pixel shuffle (downsample_ratio) and a 2-layer MLP on the patch tokens of "
+                                 "vision_feature_layer; strategy 'default' drops CLS"),
+    "aya_vision": VisionTowerFacts("model.vision_tower.encoder.layers", "tiles", cls_token=False,
+                                   feature_layer_key="vision_feature_layer", counts="image_tokens",
+                                   whole_image_tile="last",
+                                   projector="pixel shuffle (downsample_factor) and a SwiGLU MLP on "
+                                   "vision_feature_layer of the SigLIP tower"),
+    "mistral3": VisionTowerFacts("model.vision_tower.transformer.layers", "packed", cls_token=False,
+                                 feature_layer_key="vision_feature_layer", counts="patch_grid",
+                                 projector="Mistral3MultiModalProjector: RMSNorm, 2x2 patch merger, 2-layer MLP on "
+                                 "vision_feature_layer"),
     # The embedded model (stagelens.adapters.embedded): EfficientNet-Lite0's MBConv stages and its
     # 1x1 head conv (PatchEncoder.stages); layer 0 is the stem's output.
     EMBEDDED_MODEL_TYPE: VisionTowerFacts("vision.stages", "spatial", cls_token=False,
                                           projector="2-layer MLP on each of the head's 7x7 = 49 patch vectors"),
+}
+
+# Families of ARCHITECTURES whose vision layers are not read, and why (the coverage matrix shows it).
+VISION_UNREAD: dict[str, str] = {
+    "idefics3": "sub-images padded inside the tower (patch_attention_mask) and all-padding sub-images dropped "
+                "by pixel value: no per-image token split of the existing layouts",
+    "smolvlm": "sub-images padded inside the tower (patch_attention_mask) and all-padding sub-images dropped "
+               "by pixel value: no per-image token split of the existing layouts",
+    "mllama": "two block lists (local transformer, then global_transformer) over aspect-ratio tiles with "
+              "padding tiles; the projector reads the last state concatenated with intermediate layers",
+    "llama4": "tower not examined: its tiny model needs torchvision, absent where VISION_TOWERS was built",
+    "lfm2_vl": "tower not examined: its tiny model needs torchvision, absent where VISION_TOWERS was built",
 }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stagelens.adapters.architectures import VISION_LAYOUTS, VisionTowerFacts, module_at
+from stagelens.adapters.architectures import VISION_COUNTS, VISION_LAYOUTS, VisionTowerFacts, module_at
 
 # What a vision file's columns hold: the mean over an image's patch tokens (CLS excluded; over
 # every tile for tiled towers; over the spatial positions of a CNN stage) and, where the encoder
@@ -34,12 +34,14 @@ class VisionSegments:
     """Where each image's tokens lie in one batch's vision-block outputs (see VISION_LAYOUTS).
 
     counts: per image its tiles ("tiles") or its patches ("packed"); unused otherwise.
+    whole_image_tile: "first" or "last": the tile whose CLS is the image's ("tiles").
     """
 
     layout: str
     cls_token: bool
     n_images: int
     counts: tuple[int, ...] = ()
+    whole_image_tile: str = "first"
 
     def reduce(self, hidden: torch.Tensor, position: str) -> torch.Tensor:
         """A block's output -> (images, dim) float32 at one vision position."""
@@ -62,7 +64,9 @@ class VisionSegments:
             first = hidden[:, 0]
             if self.layout == "tiles":
                 self._check(hidden.shape[0], "tiles")
-                first = first[torch.tensor(np.cumsum((0,) + self.counts[:-1]), device=hidden.device)]
+                ends = np.cumsum(self.counts)
+                rows = ends - np.asarray(self.counts) if self.whole_image_tile == "first" else ends - 1
+                first = first[torch.tensor(rows, device=hidden.device)]
             return first.float()
         patches = hidden[:, 1:] if self.cls_token else hidden
         if self.layout == "batch":
@@ -149,22 +153,34 @@ class VisionTower:
 
     def capture(self, layers: Sequence[int], n_images: int, inputs: Mapping[str, object], config) -> VisionCapture:
         """Hooks for one batch, given the processor outputs that say how its images split."""
-        counts = _counts(self.facts.layout, inputs, config)
-        segments = VisionSegments(self.facts.layout, self.facts.cls_token, n_images, counts)
+        counts = _counts(self.facts.counts, inputs, config)
+        segments = VisionSegments(self.facts.layout, self.facts.cls_token, n_images, counts, self.facts.whole_image_tile)
         return VisionCapture(self.blocks, layers, self.positions, segments)
 
 
-def _counts(layout: str, inputs: Mapping[str, object], config) -> tuple[int, ...]:
-    """Per image: its tiles (LLaVA-NeXT anyres, as the model counts them) or its patches (t*h*w)."""
-    if layout == "tiles":
+def _counts(source: str, inputs: Mapping[str, object], config) -> tuple[int, ...]:
+    """Per image its tiles or its patches, read from the processor outputs as `source` says
+    (architectures.VISION_COUNTS); () for layouts that need none."""
+    if source == "anyres":
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         return tuple(
             int(image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size))
             for size in inputs["image_sizes"].tolist()
         )
-    if layout == "packed":
+    if source == "grid_thw":
         return tuple(int(n) for n in inputs["image_grid_thw"].prod(dim=-1).tolist())
+    if source == "patch_grid":
+        patch = config.vision_config.patch_size
+        return tuple((int(h) // patch) * (int(w) // patch) for h, w in inputs["image_sizes"].tolist())
+    if source == "image_tokens":
+        token = getattr(config, "image_token_id", None)
+        token = config.image_token_index if token is None else token
+        per_image = (inputs["input_ids"] == token).sum(dim=1).tolist()
+        tiles, total = int(inputs["pixel_values"].shape[0]), sum(per_image)
+        if total == 0 or any(n * tiles % total for n in per_image):
+            raise RuntimeError(f"{tiles} tiles do not split in proportion to the image tokens per prompt {per_image}")
+        return tuple(n * tiles // total for n in per_image)
     return ()
 
 
@@ -199,5 +215,7 @@ def load_vision_tower(model: nn.Module, facts: VisionTowerFacts | None, config=N
         return None
     if facts.layout not in VISION_LAYOUTS:
         raise ValueError(f"vision layout {facts.layout!r} is not one of {VISION_LAYOUTS}")
+    if facts.layout in ("tiles", "packed") and facts.counts not in VISION_COUNTS:
+        raise ValueError(f"a {facts.layout!r} vision layout needs counts, one of {VISION_COUNTS}; got {facts.counts!r}")
     blocks = module_at(model, facts.blocks)
     return VisionTower(facts, blocks, projector_input(facts, config, len(blocks)))
