@@ -86,6 +86,28 @@ def test_wrong_image_token_fails_image_columns(workdir, monkeypatch):
     assert row["image_tokens"].startswith("fail:") and row["image_mean"].startswith("fail:")
 
 
+def test_wrong_vision_entry_fails_the_vision_column(workdir, monkeypatch):
+    """The vision column can fail: InternVL's CLS read from the first crop instead of the thumbnail
+    (the whole image), and Pixtral's packed patches split with the images' counts rotated."""
+    from stagelens.adapters import load_adapter, vision
+    from stagelens.builders.tiny_matrix import build
+    from stagelens.spec import ModelSpec
+
+    def loaded(model_type):
+        path = build(model_type, workdir / f"vision-{model_type}")
+        return load_adapter(ModelSpec(name=model_type, checkpoint=str(path), dtype="float32", device="cpu"))
+
+    internvl = loaded("internvl")
+    internvl.vision = dataclasses.replace(
+        internvl.vision, facts=dataclasses.replace(internvl.vision.facts, whole_image_tile="first"))
+    with pytest.raises(AssertionError, match="CLS, image"):
+        coverage._check_vision(internvl, coverage.images())
+    counts = vision._counts
+    monkeypatch.setattr(vision, "_counts", lambda *args: (lambda c: c[1:] + c[:1])(counts(*args)))
+    with pytest.raises(AssertionError, match="patch mean, image"):
+        coverage._check_vision(loaded("mistral3"), coverage.images())
+
+
 def test_unreadable_family_fails_at_load_with_its_reason(tmp_path, monkeypatch):
     from stagelens.adapters import load_adapter
     from stagelens.spec import ModelSpec
