@@ -15,8 +15,9 @@ through stagelens' hooks:
 - answers:      answer-word probabilities equal the softmax of the reference logits, and so does
                 the answer readout at layer L (the table's final norm and unembedding)
 - vision:       the image pass's vision-layer vectors of a batch of 4 (per image its patch mean,
-                and CLS where the tower has one) equal the tower's own output_hidden_states of each
-                image run alone (last entry untied from last_hidden_state; fp32, 1e-5); n/a with the reason for a family VISION_TOWERS omits
+                and CLS where the tower has one, of the tile that shows the whole image) equal the
+                tower's own output_hidden_states of each image run alone (last entry untied from
+                last_hidden_state; fp32, 1e-5); n/a with the reason for a family VISION_TOWERS omits
 
 `python -m stagelens.coverage` runs every family and writes docs/coverage.json and the support
 table between the markers in README.md; tests hold both to a fresh run.
@@ -234,8 +235,8 @@ def _check_loaded(adapter, results: dict[str, str]) -> None:
 
 
 def tower_hidden_states(adapter, image) -> tuple:
-    """The vision tower's own output_hidden_states for one image: the call the model makes in its
-    forward (caught by a pre-hook), made again with output_hidden_states=True."""
+    """The vision tower's own output_hidden_states for one image, and the pixels it was given: the
+    call the model makes in its forward (caught by a pre-hook), made again with output_hidden_states=True."""
     import torch
 
     from stagelens.adapters.architectures import module_at
@@ -265,7 +266,18 @@ def tower_hidden_states(adapter, image) -> tuple:
             del config.tie_last_hidden_states
         else:
             config.tie_last_hidden_states = tied
-    return out.hidden_states
+    pixels = call["args"][0] if call["args"] else call["kwargs"]["pixel_values"]
+    return out.hidden_states, pixels
+
+
+def whole_image_tile(pixels, image) -> int:
+    """The tile (row of a tiled tower's pixels) that shows the whole image: the one best correlated
+    with the image resized to the tile size (a crop shows only a part of it)."""
+    from PIL import Image
+
+    height, width = pixels.shape[-2:]
+    whole = np.asarray(image.resize((width, height), Image.BICUBIC), dtype=np.float64).transpose(2, 0, 1).ravel()
+    return int(np.argmax([np.corrcoef(tile.double().numpy().ravel(), whole)[0, 1] for tile in pixels]))
 
 
 def _check_vision(adapter, batch) -> str:
@@ -279,9 +291,9 @@ def _check_vision(adapter, batch) -> str:
         return f"n/a: {VISION_UNREAD[adapter.facts.model_type]}"
     n_blocks = vision.num_layers
     got = adapter.forward_image(batch, [0], list(range(n_blocks + 1))).vision
-    whole = 0 if vision.facts.whole_image_tile == "first" else -1
     for i, image in enumerate(batch):
-        hidden = tower_hidden_states(adapter, image)
+        hidden, pixels = tower_hidden_states(adapter, image)
+        whole = whole_image_tile(pixels, image) if vision.facts.cls_token and pixels.dim() == 4 else 0
         if len(hidden) != n_blocks + 1:
             raise AssertionError(f"the tower records {len(hidden)} hidden states for {n_blocks} blocks")
         for v, h in enumerate(hidden):
