@@ -357,6 +357,7 @@ def test_image_pass_writes_the_vision_layers(adapters, samples, tmp_path):
         assert meta["tower"] == "vision" and meta["layer"] == (0, 2)[j] and meta["num_layers"] == 2
         assert meta["lm_num_layers"] == adapter.info.num_layers and meta["hidden_size"] == 32
         assert meta["vision_layout"] == "tiles" and meta["positions"] == ["patch_mean", "cls"]
+        assert meta["vision_counts"] == "anyres" and meta["whole_image_tile"] == "first"
         assert meta["projector_input"]["vision_feature_layer"] == -2 and meta["projector_input"]["drops_cls"] is True
     wrong = spec_of(adapter.info.model_id, positions=POSITIONS, vision_num_layers=3)
     with pytest.raises(ValueError, match="vision_num_layers is 3 in the config, but .* has 2 blocks"):

@@ -61,13 +61,13 @@ class VisionSegments:
         if position == "cls":
             if not self.cls_token:
                 raise ValueError("this vision tower has no CLS token")
-            first = hidden[:, 0]
+            cls = hidden[:, 0]
             if self.layout == "tiles":
                 self._check(hidden.shape[0], "tiles")
                 ends = np.cumsum(self.counts)
                 rows = ends - np.asarray(self.counts) if self.whole_image_tile == "first" else ends - 1
-                first = first[torch.tensor(rows, device=hidden.device)]
-            return first.float()
+                cls = cls[torch.tensor(rows, device=hidden.device)]
+            return cls.float()
         patches = hidden[:, 1:] if self.cls_token else hidden
         if self.layout == "batch":
             return patches.float().mean(dim=1)
@@ -148,7 +148,8 @@ class VisionTower:
 
     def metadata(self) -> dict[str, object]:
         """What every vision file records about the tower."""
-        return {"vision_layout": self.facts.layout, "vision_blocks": self.facts.blocks, "cls_token": self.facts.cls_token,
+        return {"vision_layout": self.facts.layout, "vision_counts": self.facts.counts,
+                "whole_image_tile": self.facts.whole_image_tile, "vision_blocks": self.facts.blocks, "cls_token": self.facts.cls_token,
                 "projector_input": self.projector_input, "layer_convention": VISION_LAYER_CONVENTION}
 
     def capture(self, layers: Sequence[int], n_images: int, inputs: Mapping[str, object], config) -> VisionCapture:
