@@ -217,6 +217,9 @@ def test_pixels_to_answer_puts_vision_projector_and_lm_layers_on_one_axis(tmp_pa
     assert {s for s, step in by if step >= 4} == {"LM image tokens (image_mean)", "LM anchor prompt (last)"}
     assert max(step for _, step in by) == 4 + 4 and len(rows) == 2 * 4 + 2 * 5
     assert by[("LM anchor prompt (last)", 4 + 3)] == pytest.approx(0.8)
+    # Ticks on existing steps only: every vision layer, LM 0 (the projector's output), the last LM layer.
+    axis = next(u["encoding"]["x"]["axis"] for u in _spec_layers(upper) if "axis" in u.get("encoding", {}).get("x", {}))
+    assert axis["values"] == [0, 1, 2, 3, 4, 8]
 
 
 def test_depth_panel_has_one_row_per_model_with_stage_bands(tmp_path):

@@ -320,6 +320,12 @@ def pixels_to_answer_data(metrics: pl.DataFrame, vision_metrics: pl.DataFrame) -
     return pl.concat([vision.select(columns), lm.select(columns)], how="vertical_relaxed").sort("series", "step")
 
 
+def _layer_ticks(last: int, every: int) -> list[int]:
+    """0..last in steps of `every` (fewer when there are many layers), the last layer always included."""
+    step = max(every, (last + 11) // 12)
+    return sorted(set(range(0, last + 1, step)) | {last})
+
+
 def pixels_to_answer_chart(metrics: pl.DataFrame, vision_metrics: pl.DataFrame, answer_readout: pl.DataFrame,
                            title: str) -> alt.VConcatChart:
     """Where the class is readable from pixels to answer (class-probe accuracy along the vision
@@ -334,8 +340,12 @@ def pixels_to_answer_chart(metrics: pl.DataFrame, vision_metrics: pl.DataFrame, 
         domain=series, range=[palette.get(s, FAMILY_COLORS["anchor"]) for s in series]),
         legend=alt.Legend(symbolType="stroke", symbolOpacity=1, symbolStrokeWidth=3))
     labels = f"datum.value <= {V} ? 'V' + datum.value : (datum.value == {V + 1} ? 'LM 0' : 'L' + (datum.value - {V + 1}))"
+    last = int(data["step"].max())
+    # Ticks on the steps that exist (LM 0 included), not on a 'nice' grid that would label a
+    # layer past the last one; every vision layer, the LM's every ~5th.
+    ticks = _layer_ticks(V, 1) + [V + 1 + layer for layer in _layer_ticks(last - V - 1, 5)]
     x = alt.X("step:Q", title=f"vision layer V0..V{V} | projector -> LM layer 0 | LM layers",
-              axis=alt.Axis(tickMinStep=1, format="d", labelExpr=labels), scale=alt.Scale(domain=[0, int(data["step"].max())]))
+              axis=alt.Axis(values=ticks, format="d", labelExpr=labels), scale=alt.Scale(domain=[0, last], nice=False))
     y_scale = alt.Scale(domain=[0, 1])
     base = alt.Chart(data)
     band = base.mark_area(opacity=0.12).encode(x=x, y=alt.Y("accuracy_ci_low:Q", scale=y_scale), y2="accuracy_ci_high:Q",
