@@ -339,13 +339,13 @@ def pixels_to_answer_chart(metrics: pl.DataFrame, vision_metrics: pl.DataFrame, 
     color = alt.Color("series:N", title="probed vectors", scale=alt.Scale(
         domain=series, range=[palette.get(s, FAMILY_COLORS["anchor"]) for s in series]),
         legend=alt.Legend(symbolType="stroke", symbolOpacity=1, symbolStrokeWidth=3))
-    labels = f"datum.value <= {V} ? 'V' + datum.value : (datum.value == {V + 1} ? 'LM 0' : 'L' + (datum.value - {V + 1}))"
+    labels = f"datum.value <= {V} ? 'V' + datum.value : 'L' + (datum.value - {V + 1})"
     last = int(data["step"].max())
     # Ticks on the steps that exist (LM 0 included), not on a 'nice' grid that would label a
     # layer past the last one; every vision layer, the LM's every ~5th.
     ticks = _layer_ticks(V, 1) + [V + 1 + layer for layer in _layer_ticks(last - V - 1, 5)]
     x = alt.X("step:Q", title=f"vision layer V0..V{V} | projector -> LM layer 0 | LM layers",
-              axis=alt.Axis(values=ticks, format="d", labelExpr=labels), scale=alt.Scale(domain=[0, last], nice=False))
+              axis=alt.Axis(values=ticks, format="d", labelExpr=labels, labelOverlap=False), scale=alt.Scale(domain=[0, last], nice=False))
     y_scale = alt.Scale(domain=[0, 1])
     base = alt.Chart(data)
     band = base.mark_area(opacity=0.12).encode(x=x, y=alt.Y("accuracy_ci_low:Q", scale=y_scale), y2="accuracy_ci_high:Q",
