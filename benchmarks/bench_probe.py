@@ -108,14 +108,14 @@ def sklearn_sample(path: Path, torch_fitted, threads: int, max_iter: int) -> tup
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    from stagelens.probe_training import _folds
+    from stagelens.probe_training import stratified_folds
     from stagelens.store import read_vectors
 
     template = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, tol=1e-4))
     total_s, total_iter, refits, detail, capped = 0.0, 0, {}, {}, False
     for pos in POSITIONS[:1]:
         _, y, x = read_vectors(path, pos)
-        train, _ = _folds(y, 5, 0)[0]
+        train, _ = stratified_folds(y, 5, 0)[0]
         chosen = torch_fitted.probe_sidecar["fit"][pos]["C"]
         fold_s, fold_iter = 0.0, 0
         with threadpool_limits(limits=1), warnings.catch_warnings():
