@@ -2,22 +2,15 @@
 answers and the answer readout per layer) and image_pass_{model} (one split: the image
 positions, read once per image); every layer's file in one pass."""
 
-from stagelens.job import start
+from stagelens.job import load_model, start
 
 smk = start(snakemake)  # noqa: F821 (injected by Snakemake)
 
 import sys  # noqa: E402
 
-import torch  # noqa: E402
-
-from stagelens.adapters import load_adapter  # noqa: E402
 from stagelens.extract import extract, extract_image, read_split  # noqa: E402
-from stagelens.spec import ModelSpec  # noqa: E402
 
-spec = ModelSpec.from_config(smk.params.model_name, smk.params.model, str(smk.params.model_path))
-torch.set_num_threads(max(1, int(smk.threads)))
-adapter = load_adapter(spec)
-print(f"loaded {adapter.info}", file=sys.stderr)
+spec, adapter = load_model(smk)
 samples, split, embeddings = read_split(smk.input.manifest, smk.params.split), smk.params.split, list(smk.output.embeddings)
 if hasattr(smk.params, "prompt"):  # extract_<model>; image_pass_<model> has no prompt
     summary = extract(adapter, spec, samples, dict(smk.params.prompt), embeddings, smk.output.answers, split=split,

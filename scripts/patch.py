@@ -1,23 +1,16 @@
 """Snakemake job patch: activation patching between the anchor and one variant, every layer in one job."""
 
-from stagelens.job import start
+from stagelens.job import load_model, start
 
 smk = start(snakemake)  # noqa: F821 (injected by Snakemake)
 
 import sys  # noqa: E402
 
-import torch  # noqa: E402
-
-from stagelens.adapters import load_adapter  # noqa: E402
 from stagelens.extract import read_split  # noqa: E402
 from stagelens.patching import PatchRequest, patch_subset, run_patching  # noqa: E402
-from stagelens.spec import ModelSpec  # noqa: E402
 
 settings = smk.params.patching
-spec = ModelSpec.from_config(smk.params.model_name, smk.params.model, str(smk.params.model_path))
-torch.set_num_threads(max(1, int(smk.threads)))
-adapter = load_adapter(spec)
-print(f"loaded {adapter.info}", file=sys.stderr)
+spec, adapter = load_model(smk)
 samples = patch_subset(read_split(smk.input.manifest, "test"), settings["images"], settings["seed"])
 request = PatchRequest(dict(smk.params.anchor), dict(smk.params.variant), tuple(spec.layers_of(adapter.info.num_layers)),
                        tuple(settings["positions"]), spec.batch_size, settings["max_rows"])

@@ -141,3 +141,30 @@ def test_vision_metrics_table_orders_rows_with_the_encoders_depth():
         vision_metrics_table([*rows, row("patch_mean", 1, num_layers=24)], "m")
     with pytest.raises(ValueError, match="duplicate"):
         vision_metrics_table([*rows, row("patch_mean", 4)], "m")
+
+
+def test_read_by_prompt_keys_files_by_the_prompts_order_and_refuses_a_count_mismatch(tmp_path):
+    from stagelens.aggregate import read_by_prompt
+
+    paths = []
+    for prompt in PROMPTS:
+        paths.append(tmp_path / f"{prompt['id']}.parquet")
+        ANSWERS[prompt["id"]].write_parquet(paths[-1])
+    tables = read_by_prompt(PROMPTS, paths)
+    assert list(tables) == [p["id"] for p in PROMPTS]
+    assert all(tables[k].equals(ANSWERS[k]) for k in tables)
+    with pytest.raises(ValueError, match="3 prompts but 2 files"):
+        read_by_prompt(PROMPTS, paths[:2])
+
+
+def test_read_fits_equals_fit_table_of_the_parsed_sidecars(tmp_path):
+    import json
+
+    from stagelens.aggregate import fit_table, read_fits
+
+    sidecars = [{"input": {"layer": k}, "fit": {"last": {"converged": k != 1, "n_iter": 10 + k}}} for k in range(3)]
+    paths = []
+    for k, sidecar in enumerate(sidecars):
+        paths.append(tmp_path / f"layer{k}.json")
+        paths[-1].write_text(json.dumps(sidecar))
+    assert read_fits(paths, paths[::-1]).equals(fit_table(sidecars, sidecars[::-1]))

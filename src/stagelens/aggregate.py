@@ -3,7 +3,9 @@ answer readout per prompt x layer, and the vision-encoder probe metrics per visi
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import polars as pl
@@ -54,6 +56,21 @@ def fit_table(probe_sidecars: Iterable[Mapping], control_sidecars: Iterable[Mapp
     columns = {"position": pl.String, "layer": pl.Int64, "probe_converged": pl.Boolean, "probe_n_iter": pl.Int64,
                "control_converged": pl.Boolean, "control_n_iter": pl.Int64}
     return pl.DataFrame(list(rows.values()), schema=columns).sort("position", "layer")
+
+
+def read_fits(probe_sidecars: Sequence[str | os.PathLike], control_sidecars: Sequence[str | os.PathLike]) -> pl.DataFrame:
+    """`fit_table` of the probes' and controls' JSON sidecar files."""
+    def read(paths: Sequence[str | os.PathLike]) -> list[Mapping]:
+        return [json.loads(Path(path).read_text()) for path in paths]
+
+    return fit_table(read(probe_sidecars), read(control_sidecars))
+
+
+def read_by_prompt(prompts: Sequence[Mapping[str, str]], paths: Sequence[str | os.PathLike]) -> dict[str, pl.DataFrame]:
+    """Each prompt's Parquet table by prompt id; `paths` come in the prompts' order (the rule's inputs)."""
+    if len(prompts) != len(paths):
+        raise ValueError(f"{len(prompts)} prompts but {len(paths)} files: {[str(p) for p in paths]}")
+    return {prompt["id"]: pl.read_parquet(path) for prompt, path in zip(prompts, paths)}
 
 
 def with_fits(metrics: pl.DataFrame, fits: pl.DataFrame) -> pl.DataFrame:
