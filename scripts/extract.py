@@ -1,6 +1,6 @@
 """Snakemake jobs extract_{model} (one split x prompt: the prompt-dependent positions, the
-answers and the answer readout per layer) and image_pass_{model} (one split: the image
-positions, read once per image); every layer's file in one pass."""
+answers and the answer readout per layer), shared_extract_{model} (every test prompt, the shared
+prefix once) and image_pass_{model} (one split: the image positions, read once per image)."""
 
 from stagelens.job import load_model, start
 
@@ -8,11 +8,14 @@ smk = start(snakemake)  # noqa: F821 (injected by Snakemake)
 
 import sys  # noqa: E402
 
-from stagelens.extract import extract, extract_image, read_split  # noqa: E402
+from stagelens.extract import extract, extract_image, extract_prompts, read_split  # noqa: E402
 
 spec, adapter = load_model(smk)
 samples, split, embeddings = read_split(smk.input.manifest, smk.params.split), smk.params.split, list(smk.output.embeddings)
-if hasattr(smk.params, "prompt"):  # extract_<model>; image_pass_<model> has no prompt
+if hasattr(smk.params, "prompts"):  # shared_extract_<model>
+    summary = extract_prompts(adapter, spec, samples, [dict(p) for p in smk.params.prompts], embeddings,
+                              list(smk.output.answers), list(smk.output.answer_readout), split=split)
+elif hasattr(smk.params, "prompt"):  # extract_<model>; image_pass_<model> has no prompt
     summary = extract(adapter, spec, samples, dict(smk.params.prompt), embeddings, smk.output.answers, split=split,
                       readout_path=smk.output.answer_readout)
 else:

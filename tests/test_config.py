@@ -59,6 +59,7 @@ def test_defaults_are_filled_as_documented():
         "vector_dtype": "float32",
         "device": "auto",
         "batch_size": 4,
+        "share_prefix": False,
         "layers": None,
         "positions": ["last", "image_mean"],
         "vision_num_layers": None,

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from script_job import run_script
-from stagelens.extract import Sample, extract, extract_image, read_split
+from stagelens.extract import Sample, extract, extract_image, extract_prompts, read_split
 from stagelens.adapters import load_adapter
 from stagelens.builders import PIPELINE_TINY_RECIPES
 from stagelens.spec import ModelSpec
@@ -363,3 +363,73 @@ def test_image_pass_writes_the_vision_layers(adapters, samples, tmp_path):
     with pytest.raises(ValueError, match="vision_num_layers is 3 in the config, but .* has 2 blocks"):
         extract_image(adapter, wrong, samples, emb, split="test", vision_paths=[tmp_path / f"v{v}" for v in range(4)],
                       progress=False)
+
+
+# The anchor, a lexical edit (its tokens part early) and a suffix edit (it shares the anchor's whole
+# question: the shared prefix must stop before the anchor's question end to read question_last).
+GROUP = [PROMPT, {**PROMPT, "id": "lex", "family": "lexical", "text": PROMPT["text"].replace("image", "picture")},
+         {**PROMPT, "id": "suffix", "family": "control", "text": PROMPT["text"] + " Thank you."}]
+
+
+def run_prompts(adapter, samples, root, prompts, layers=(0, 2, 4), batch_size=3):
+    spec = spec_of(adapter.info.model_id, layers=tuple(layers), batch_size=batch_size, positions=POSITIONS)
+    emb = [[root / p["id"] / f"layer{layer}.parquet" for layer in layers] for p in prompts]
+    answers = [root / p["id"] / "answers.parquet" for p in prompts]
+    readouts = [root / p["id"] / "readout.parquet" for p in prompts]
+    extract_prompts(adapter, spec, samples, prompts, [path for paths in emb for path in paths], answers, readouts,
+                    split="test", progress=False)
+    return emb, answers, readouts
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_shared_prefix_extraction_equals_each_prompts_own_pass(adapters, samples, tmp_path, recipe):
+    """One job over three prompts (image and template head run once, each tail from the cache)
+    writes what three per-prompt extractions write: the same rows, vectors within float32
+    rounding of the cached continuation (1e-4), answers and readout (1e-4), and its metadata
+    says it shared the prefix; a prompt with text before the image runs its own pass in it."""
+    adapter = adapters[recipe]
+    prompts = [*GROUP, BEFORE]
+    emb, answers, readouts = run_prompts(adapter, samples, tmp_path / "shared", prompts)
+    for prompt, paths, ans, readout in zip(prompts, emb, answers, readouts):
+        own_emb, own_ans = run(adapter, samples, tmp_path / prompt["id"], layers=[0, 2, 4], prompt=prompt)
+        own_readout = tmp_path / prompt["id"] / "readout.parquet"
+        for path, own in zip(paths, own_emb):
+            meta = read_metadata(path)
+            assert ("shared_prefix" in meta) == (prompt is not BEFORE)
+            assert meta["positions"] == read_metadata(own)["positions"]
+            for pos in read_metadata(own)["positions"]:
+                ids, labels, got = read_vectors(path, pos)
+                own_ids, own_labels, expected = read_vectors(own, pos)
+                assert ids.tolist() == own_ids.tolist() and labels.tolist() == own_labels.tolist()
+                np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+        got, expected = pq.read_table(ans).to_pydict(), pq.read_table(own_ans).to_pydict()
+        assert got["sample_id"] == expected["sample_id"] and got["n_image_tokens"] == expected["n_image_tokens"]
+        for w in ANSWER_WORDS:
+            np.testing.assert_allclose(got[f"p_{w}"], expected[f"p_{w}"], atol=1e-5, rtol=1e-4)
+        got, expected = pq.read_table(readout).to_pydict(), pq.read_table(own_readout).to_pydict()
+        assert got["sample_id"] == expected["sample_id"] and got["layer"] == expected["layer"]
+        np.testing.assert_allclose(got["margin"], expected["margin"], atol=1e-4, rtol=1e-4)
+
+
+class _FailingPrefixAdapter:
+    """Delegates to a real adapter; its n-th prefix pass fails."""
+
+    def __init__(self, adapter, fail_at: int):
+        self.adapter, self.fail_at, self.calls = adapter, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.adapter, name)
+
+    def prefix_pass(self, *args, **kw):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("simulated failure mid-way")
+        return self.adapter.prefix_pass(*args, **kw)
+
+
+def test_shared_prefix_extraction_failure_leaves_no_output(adapters, samples, tmp_path):
+    failing = _FailingPrefixAdapter(adapters["tiny-llava"], fail_at=2)
+    with pytest.raises(RuntimeError, match="mid-way"):
+        run_prompts(failing, samples, tmp_path, GROUP, batch_size=2)
+    assert failing.calls == 2
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -110,9 +110,9 @@ def dry_run(workdir: Path, cfg: dict, name: str = "config.yaml") -> dict[str, in
     return job_counts(snakemake(workdir, write_config(workdir, cfg, name), "--dry-run", "--quiet", "rules"))
 
 
-def planned_jobs(workdir: Path, cfg: dict, name: str = "config.yaml") -> list[tuple[str, dict[str, str]]]:
-    """(rule, wildcards) of every job a dry run plans, from Snakemake's job listing."""
-    result = snakemake(workdir, write_config(workdir, cfg, name), "--dry-run")
+def planned_jobs(workdir: Path, cfg: dict, name: str = "config.yaml", *targets: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a dry run plans (for `targets`, default all), from Snakemake's job listing."""
+    result = snakemake(workdir, write_config(workdir, cfg, name), "--dry-run", *targets)
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = []
     for line in (result.stdout + result.stderr).splitlines():
@@ -170,6 +170,21 @@ def test_dry_run_schedules_one_pass_per_split_and_prompt(images, tmp_path):
     assert counts["all"] == 1
     # The vision tower's layers: read by the image pass (no job of their own), probed once per layer.
     assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 3, vision_by_model={"tiny-llava": 3})
+
+
+def shared(cfg: dict) -> dict:
+    """cfg with every model's test-split prompts in one extraction job (share_prefix)."""
+    return {**cfg, "models": {name: {**m, "share_prefix": True} for name, m in cfg["models"].items()}}
+
+
+def test_shared_prefix_schedules_one_test_extraction_for_every_prompt(images, tmp_path):
+    """share_prefix: the train split's anchor keeps its job, the test split's prompts share one;
+    the analysis is unchanged."""
+    jobs = planned_jobs(tmp_path, shared(tiny_config(images, variants=(LEXICAL, NEGATION, LOOK))))
+    assert [w["split"] for rule, w in jobs if rule == "extract_tiny_llava"] == ["train"]
+    assert [rule for rule, _ in jobs].count("shared_extract_tiny_llava") == 1
+    counts = {rule: [r for r, _ in jobs].count(rule) for rule, _ in jobs}
+    assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 4, n_before_image=1, vision_by_model={"tiny-llava": 3})
 
 
 def test_text_before_the_image_schedules_its_own_image_evaluation(images, tmp_path):
@@ -256,8 +271,10 @@ def test_shipped_config_dry_run(name, tmp_path):
     n_layers = {name: len(m.get("layers") or range(m["num_layers"] + 1)) for name, m in models.items()}
     n_vision = {name: len(m.get("vision_layers") or range(m["vision_num_layers"] + 1)) if m.get("vision_num_layers") else 0
                 for name, m in models.items()}
-    for model in models:
-        assert counts["extract_" + re.sub(r"[^A-Za-z0-9_]", "_", model)] == 1 + n_prompts
+    for model, m in models.items():
+        suffix = re.sub(r"[^A-Za-z0-9_]", "_", model)
+        assert counts["extract_" + suffix] == (1 if m.get("share_prefix") else 1 + n_prompts)
+        assert counts.get("shared_extract_" + suffix, 0) == (1 if m.get("share_prefix") else 0)
         assert counts["image_pass_" + re.sub(r"[^A-Za-z0-9_]", "_", model)] == 2
     assert counts["prepare_dataset"] == 1
     assert analysis_part(counts) == expected_analysis(n_layers, n_prompts, vision_by_model=n_vision)
@@ -414,6 +431,39 @@ def test_adding_a_variant_with_text_before_the_image_costs_only_its_jobs(finishe
         ("evaluate", "0"), ("evaluate", "1"), ("evaluate", "2"),
         ("evaluate_prompt_image", "0"), ("evaluate_prompt_image", "1"), ("evaluate_prompt_image", "2"),
         ("extract_tiny_llava", "test")]
+
+
+@pytest.mark.slow
+def test_shared_prefix_run_writes_the_per_prompt_runs_files(finished_run, tmp_path):
+    """share_prefix on the finished run's dataset and model: one job writes every test prompt's
+    files, equal to the per-prompt jobs' up to the cached continuation's float rounding (1e-4),
+    with its log and benchmark; adding a variant then reruns that job for every prompt (the
+    documented cost)."""
+    workdir, cfg = finished_run
+    for part in ("data", "models"):
+        shutil.copytree(workdir / "results" / part, tmp_path / "results" / part)  # copy2 keeps the mtimes
+    res, own = tmp_path / "results" / "tiny-llava", workdir / "results" / "tiny-llava"
+    prompts = ["anchor", "lex_picture", "look_first"]
+    targets = [f"results/tiny-llava/{kind}/test/{p}.parquet" for p in prompts for kind in ("answers", "answer_readout")]
+    result = snakemake(tmp_path, write_config(tmp_path, shared(cfg)), "--cores", "2", *targets)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "shared_extract_tiny_llava" in result.stdout + result.stderr
+    assert (tmp_path / "logs" / "extract_tiny-llava" / "test" / "prompts.log").is_file()
+    assert (tmp_path / "benchmarks" / "extract_tiny-llava" / "test" / "prompts.tsv").is_file()
+    for prompt in prompts:
+        for layer in (0, 1, 2):
+            got = pq.read_table(res / "embeddings" / "test" / prompt / f"layer{layer}.parquet")
+            expected = pq.read_table(own / "embeddings" / "test" / prompt / f"layer{layer}.parquet")
+            assert got.column_names == expected.column_names
+            assert got.column("sample_id").equals(expected.column("sample_id"))
+            for column in got.column_names[2:]:
+                np.testing.assert_allclose(np.stack(got.column(column).to_numpy(zero_copy_only=False)),
+                                           np.stack(expected.column(column).to_numpy(zero_copy_only=False)), atol=1e-4)
+        got, expected = (pq.read_table(d / "answers" / "test" / f"{prompt}.parquet") for d in (res, own))
+        np.testing.assert_allclose(got.column("p_yes").to_numpy(), expected.column("p_yes").to_numpy(), atol=1e-5)
+    grown = shared({**cfg, "prompts": {**cfg["prompts"], "variants": [*cfg["prompts"]["variants"], dict(NEGATION)]}})
+    jobs = planned_jobs(tmp_path, grown, "grown.yaml", *targets, f"results/tiny-llava/answers/test/{NEGATION['id']}.parquet")
+    assert [rule for rule, _ in jobs] == ["shared_extract_tiny_llava"]  # every prompt again, not the new one alone
 
 
 @pytest.mark.slow

@@ -280,6 +280,13 @@ def extract(
     """
     layers = spec.layers_of(adapter.info.num_layers)
     check_request(adapter, spec, layers, embedding_paths)
+    _check_image_prefix(adapter, spec, prompt)
+    return _write_pass(adapter, spec, samples, prompt, prompt_positions(spec, prompt), layers, embedding_paths,
+                       answers_path, readout_path, split, progress)
+
+
+def _check_image_prefix(adapter: ModelAdapter, spec: ModelSpec, prompt: Mapping[str, str]) -> None:
+    """Refuse a prompt whose image tokens would differ from the image pass's (see `extract`)."""
     if image_positions(spec) and not has_text_before_image(prompt):
         problem = image_prefix_problem(adapter, prompt)
         if problem:
@@ -291,8 +298,6 @@ def extract(
                 "differing text is the chat template's own, prompt-dependent text, drop "
                 f"{image_positions(spec)} from models.{spec.name}.positions"
             )
-    return _write_pass(adapter, spec, samples, prompt, prompt_positions(spec, prompt), layers, embedding_paths,
-                       answers_path, readout_path, split, progress)
 
 
 def extract_image(
@@ -347,6 +352,98 @@ class VisionRequest:
         return cls(layers, list(paths), tower.positions, {**tower.metadata(), "num_layers": tower.num_layers})
 
 
+class _PassFiles:
+    """The files of one pass (a prompt's, or the image pass's) and how a batch's output enters them:
+    embeddings per layer, and for a prompt its answers and readout; for an image pass with vision
+    layers, their files, each created at the first batch, which gives the layer's width."""
+
+    def __init__(self, adapter: ModelAdapter, spec: ModelSpec, prompt: Mapping[str, str] | None,
+                 positions: list[str], layers: list[int], embedding_paths: Sequence[str | os.PathLike],
+                 answers_path: str | os.PathLike | None, readout_path: str | os.PathLike | None, split: str,
+                 vision: VisionRequest | None = None, extra_metadata: Mapping[str, object] | None = None):
+        self.prompt, self.positions, self.layers, self.vision = prompt, positions, layers, vision
+        self.vector_dtype = spec.vector_dtype
+        self.meta = {**run_metadata(adapter, spec.name, prompt, split, positions), "vector_dtype": self.vector_dtype,
+                     **(extra_metadata or {})}
+        self.writers: list[ParquetStreamWriter] = []
+        self.embeddings: list[EmbeddingWriter] = []
+        self.answers = self.readout = None
+        self.vision_files: list[EmbeddingWriter] = []
+        try:
+            for layer, path in zip(layers, embedding_paths):
+                self.embeddings.append(self._opened(EmbeddingWriter(
+                    path, adapter.info.hidden_size, positions, {**self.meta, "layer": layer}, self.vector_dtype)))
+            if answers_path is not None:
+                self.answers = self._opened(ParquetStreamWriter(answers_path, answers_schema(ANSWER_WORDS, self.meta)))
+            if readout_path is not None:
+                readout_meta = {**self.meta, "readout_layers": layers, "margin_rule": MARGIN_RULE}
+                self.readout = self._opened(ParquetStreamWriter(readout_path, answer_readout_schema(ANSWER_WORDS, readout_meta)))
+        except BaseException:
+            self.abort()
+            raise
+
+    def _opened(self, writer):
+        self.writers.append(writer)  # aborted with the others should a later one fail
+        return writer
+
+    def write(self, batch: Sequence[Sample], out: BatchVectors) -> None:
+        ids = [s.sample_id for s in batch]
+        check_finite(out.vectors, self.layers, ids, self.vector_dtype)
+        labels = np.asarray([s.label for s in batch], dtype=np.int32)
+        for i, writer in enumerate(self.embeddings):
+            writer.append(ids, labels, {pos: out.vectors[pos][i] for pos in self.positions})
+        if self.vision is not None:
+            if not self.vision_files:
+                for writer in _vision_writers(self.vision, out.vision, self.meta, self.vector_dtype):
+                    self.vision_files.append(self._opened(writer))
+            for j, writer in enumerate(self.vision_files):
+                kept = {pos: out.vision[pos][j] for pos in self.vision.positions}
+                check_finite({f"vision {p}": v[None] for p, v in kept.items()}, [self.vision.layers[j]], ids,
+                             self.vector_dtype)
+                writer.append(ids, labels, kept)
+        if self.answers is not None:
+            probs = np.asarray(out.answer_probs, dtype=np.float32)
+            self.answers.write(
+                {
+                    "sample_id": ids,
+                    "label": labels,
+                    **{f"p_{w}": probs[:, j] for j, w in enumerate(ANSWER_WORDS)},
+                    "answer": [ANSWER_WORDS[j] for j in probs.argmax(axis=1)],
+                    "n_image_tokens": np.asarray(out.n_image_tokens, dtype=np.int32),
+                }
+            )
+        if self.readout is not None:
+            self.readout.write(readout_rows(ids, labels, self.layers, out.readout, self.prompt["expected"]))
+
+    def abort(self) -> None:
+        for writer in self.writers:
+            writer.abort()
+
+    def commit(self) -> None:
+        for writer in self.writers:
+            writer.commit()
+
+
+def _write_passes(files: Sequence[_PassFiles], outputs: Iterator[tuple[Sequence[Sample], list[BatchVectors]]],
+                  n_samples: int, desc: str, progress: bool) -> float:
+    """Write every batch's outputs (one per file set) and commit all files at the end, or none:
+    any exception aborts every file. Returns the seconds taken."""
+    start = time.perf_counter()
+    try:
+        with tqdm(total=n_samples, unit="img", file=sys.stderr, disable=not progress, desc=desc) as bar:
+            for batch, outs in outputs:
+                for pass_files, out in zip(files, outs, strict=True):
+                    pass_files.write(batch, out)
+                bar.update(len(batch))
+    except BaseException:
+        for pass_files in files:
+            pass_files.abort()
+        raise
+    for pass_files in files:
+        pass_files.commit()
+    return time.perf_counter() - start
+
+
 def _write_pass(
     adapter: ModelAdapter,
     spec: ModelSpec,
@@ -362,71 +459,103 @@ def _write_pass(
     vision: VisionRequest | None = None,
 ) -> dict[str, object]:
     """Run every batch and write the files of one pass (prompt None: the image pass, no answers
-    and no readout; vision: its vision-layer files, each created at the first batch, which gives
-    the layer's width)."""
+    and no readout)."""
+    _check_batching(spec, samples)
+    files = _PassFiles(adapter, spec, prompt, positions, layers, embedding_paths, answers_path, readout_path, split,
+                       vision)
+    outputs = ((batch, [out]) for batch, out in _run_batches(
+        adapter, samples, spec.batch_size, prompt, layers, positions, vision.layers if vision is not None else []))
+    desc = f"extract {split}/{prompt['id'] if prompt is not None else 'image'}"
+    seconds = _write_passes([files], outputs, len(samples), desc, progress)
+    return {"rows": len(samples), "seconds": seconds, "layers": layers,
+            "vision_layers": vision.layers if vision is not None else []}
+
+
+def _check_batching(spec: ModelSpec, samples: Sequence[Sample]) -> None:
     if spec.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
     if not samples:
         raise ValueError("no samples to extract")
-    vector_dtype, batch_size = spec.vector_dtype, spec.batch_size
-    meta = {**run_metadata(adapter, spec.name, prompt, split, positions), "vector_dtype": vector_dtype}
-    dim = adapter.info.hidden_size
-    writers: list[ParquetStreamWriter] = []
-    start = time.perf_counter()
-    desc = f"extract {split}/{prompt['id'] if prompt is not None else 'image'}"
+
+
+def extract_prompts(
+    adapter: ModelAdapter,
+    spec: ModelSpec,
+    samples: Sequence[Sample],
+    prompts: Sequence[Mapping[str, str]],
+    embedding_paths: Sequence[str | os.PathLike],
+    answers_paths: Sequence[str | os.PathLike],
+    readout_paths: Sequence[str | os.PathLike],
+    *,
+    split: str,
+    progress: bool = True,
+) -> dict[str, object]:
+    """`extract` for several prompts of one split in one job (models.<m>.share_prefix): per batch,
+    the tokens the prompts share (template head and image) run once with a KV cache and each
+    prompt's tail continues from it (stagelens.shared_prefix). embedding_paths is prompt-major
+    (prompt i's layers, then prompt i+1's); prompts[i]'s other files are answers_paths[i] and
+    readout_paths[i]. A prompt with text
+    before the image has its own image tokens: it runs its own full pass here. The files are those
+    `extract` writes, up to float rounding, with `shared_prefix` in their metadata."""
+    if not prompts or len(embedding_paths) % len(prompts) or not len(prompts) == len(answers_paths) == len(readout_paths):
+        raise ValueError(f"{len(prompts)} prompts need as many answers and readout paths and a multiple of it embedding "
+                         f"paths (got {len(answers_paths)}, {len(readout_paths)}, {len(embedding_paths)})")
+    per = len(embedding_paths) // len(prompts)
+    embedding_paths = [embedding_paths[i : i + per] for i in range(0, len(embedding_paths), per)]
+    if len({p["id"] for p in prompts}) != len(prompts):
+        raise ValueError(f"prompt ids repeat: {[p['id'] for p in prompts]}")
+    if not hasattr(adapter, "prefix_pass"):
+        raise ValueError(f"share_prefix: the {adapter.info.architecture} adapter runs no cached prefix (prefix_pass); "
+                         f"set models.{spec.name}.share_prefix: false")
+    jobs = list(zip(prompts, embedding_paths, answers_paths, readout_paths))
+    shared = [job for job in jobs if not has_text_before_image(job[0])]
+    summaries = [extract(adapter, spec, samples, prompt, emb, ans, split=split, readout_path=readout, progress=progress)
+                 for prompt, emb, ans, readout in jobs if has_text_before_image(prompt) or len(shared) == 1]
+    if len(shared) < 2:
+        return {"rows": len(samples), "seconds": sum(s["seconds"] for s in summaries), "layers": summaries[0]["layers"],
+                "vision_layers": []}
+    _check_batching(spec, samples)
+    layers = spec.layers_of(adapter.info.num_layers)
+    for _, emb, _, _ in shared:
+        check_request(adapter, spec, layers, emb)
+    group = [prompt for prompt, *_ in shared]
+    for prompt in group:
+        _check_image_prefix(adapter, spec, prompt)
+    from stagelens.shared_prefix import forward_prompts, tail_lengths
+
+    tails = tail_lengths(adapter, group)
+    positions = prompt_positions(spec, group[0])  # the same for every prompt without text before the image
+    meta = {"shared_prefix": {"prompts": [p["id"] for p in group],
+                              "rule": "the tokens every prompt of the group shares up to each one's question "
+                                      "end run once per batch with a KV cache; each prompt's tail continues from it"}}
+    files = []
     try:
-        emb_writers = []
-        for layer, path in zip(layers, embedding_paths):
-            emb_writers.append(EmbeddingWriter(path, dim, positions, {**meta, "layer": layer}, vector_dtype))
-            writers.append(emb_writers[-1])
-        answers = None
-        if answers_path is not None:
-            answers = ParquetStreamWriter(answers_path, answers_schema(ANSWER_WORDS, meta))
-            writers.append(answers)
-        readout = None
-        if readout_path is not None:
-            readout_meta = {**meta, "readout_layers": layers, "margin_rule": MARGIN_RULE}
-            readout = ParquetStreamWriter(readout_path, answer_readout_schema(ANSWER_WORDS, readout_meta))
-            writers.append(readout)
-        vision_writers: list[EmbeddingWriter] = []
-        vision_layers = vision.layers if vision is not None else []
-        with tqdm(total=len(samples), unit="img", file=sys.stderr, disable=not progress, desc=desc) as bar:
-            for batch, out in _run_batches(adapter, samples, batch_size, prompt, layers, positions, vision_layers):
-                ids = [s.sample_id for s in batch]
-                check_finite(out.vectors, layers, ids, vector_dtype)
-                labels = np.asarray([s.label for s in batch], dtype=np.int32)
-                for i, writer in enumerate(emb_writers):
-                    writer.append(ids, labels, {pos: out.vectors[pos][i] for pos in positions})
-                if vision is not None:
-                    if not vision_writers:
-                        for writer in _vision_writers(vision, out.vision, meta, vector_dtype):
-                            vision_writers.append(writer)
-                            writers.append(writer)  # aborted with the others should a later one fail
-                    for j, writer in enumerate(vision_writers):
-                        kept = {pos: out.vision[pos][j] for pos in vision.positions}
-                        check_finite({f"vision {p}": v[None] for p, v in kept.items()}, [vision.layers[j]], ids, vector_dtype)
-                        writer.append(ids, labels, kept)
-                if answers is not None:
-                    probs = np.asarray(out.answer_probs, dtype=np.float32)
-                    answers.write(
-                        {
-                            "sample_id": ids,
-                            "label": labels,
-                            **{f"p_{w}": probs[:, j] for j, w in enumerate(ANSWER_WORDS)},
-                            "answer": [ANSWER_WORDS[j] for j in probs.argmax(axis=1)],
-                            "n_image_tokens": np.asarray(out.n_image_tokens, dtype=np.int32),
-                        }
-                    )
-                if readout is not None:
-                    readout.write(readout_rows(ids, labels, layers, out.readout, prompt["expected"]))
-                bar.update(len(batch))
+        for prompt, emb, ans, readout in shared:
+            files.append(_PassFiles(adapter, spec, prompt, positions, layers, emb, ans, readout, split, None, meta))
     except BaseException:
-        for writer in writers:
-            writer.abort()
+        for pass_files in files:
+            pass_files.abort()
         raise
-    for writer in writers:
-        writer.commit()
-    return {"rows": len(samples), "seconds": time.perf_counter() - start, "layers": layers, "vision_layers": vision_layers}
+    outputs = ((batch, forward_prompts(adapter, images, group, layers, positions, tails))
+               for batch, images in _images_ahead(samples, spec.batch_size))
+    seconds = _write_passes(files, outputs, len(samples), f"extract {split}/{len(group)} prompts", progress)
+    return {"rows": len(samples) * len(jobs), "seconds": seconds + sum(s["seconds"] for s in summaries),
+            "layers": layers, "vision_layers": []}
+
+
+def _images_ahead(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[Sequence[Sample], list[Image.Image]]]:
+    """(batch, its images) per batch, the next batch's images read in a worker thread meanwhile."""
+    chunks = list(batches(samples, batch_size))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagelens-read") as pool:
+        pending = pool.submit(lambda b: [load_image(s.image) for s in b], chunks[0])
+        try:
+            for i, batch in enumerate(chunks):
+                images = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(lambda b: [load_image(s.image) for s in b], chunks[i + 1])
+                yield batch, images
+        finally:
+            pending.cancel()
 
 
 def _vision_writers(

@@ -41,6 +41,7 @@ class PrefixRun(Protocol):
 
     prefix_length: int  # tokens of the shared prefix (the image among them)
     suffix_ids: list[torch.Tensor]  # per question: (batch, S_q) token ids after the shared prefix
+    image_tokens: torch.Tensor  # (batch,) image tokens in each row's prefix
 
     def continue_with(self, suffix_ids: torch.Tensor, repeat: int) -> Continuation:
         """batch * repeat rows (row i * repeat + k continues image i): the next-token logits and
@@ -54,7 +55,8 @@ class PatchableAdapter(Protocol):
     info: ModelInfo
     blocks: nn.ModuleList
 
-    def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str]) -> PrefixRun: ...
+    def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str],
+                    keep: Sequence[int] | None = None) -> PrefixRun: ...
 
 
 def shared_prefix_length(sequences: Sequence[Sequence]) -> int:

@@ -234,6 +234,16 @@ def image_pass_rule_name(model):
     return f"image_pass_{rule_suffix(model)}"
 
 
+def shares_prefix(model):
+    """Whether one job extracts every test-split prompt of a model (models.<m>.share_prefix)."""
+    return MODELS[model]["share_prefix"]
+
+
+def shared_extract_rule_name(model):
+    # Not extract_<suffix>_...: no model name may turn it into another model's rule name.
+    return f"shared_extract_{rule_suffix(model)}"
+
+
 def dataset_inputs(wildcards):
     """The image folder or Parquet/Arrow files are inputs (Snakemake checks they exist); so are
     the class list, class names and label file if set."""

@@ -5,12 +5,16 @@
 # image_pass_<model> keeps the image positions of one split once: the tokens up to the last
 # image token, which every prompt shares (each prompt's job checks that from its token ids), and,
 # where models.<m>.vision_num_layers is set, the vision encoder's layers of the same forward.
+# With models.<m>.share_prefix, shared_extract_<model> writes every test-split prompt's files in one
+# job (the shared tokens once per batch), and extract_<model> serves the train split alone.
 
 for _model in MODELS:
 
     rule:
         name:
             extract_rule_name(_model)
+        wildcard_constraints:
+            split="train" if shares_prefix(_model) else "train|test",
         input:
             **extract_inputs(_model),
         output:
@@ -32,6 +36,39 @@ for _model in MODELS:
             # A retry (profiles: retries) gets twice the memory and time.
             mem_mb=lambda wildcards, attempt, m=_model: estimate.extract_mem_mb(MODELS[m]) * attempt,
             runtime=lambda wildcards, attempt, m=_model: extract_runtime(m, wildcards.split) * attempt,
+            gpu=estimate.extract_gpu(MODELS[_model]),
+        conda:
+            STAGELENS_ENV
+        script:
+            "../../scripts/extract.py"
+
+
+for _model in [m for m in MODELS if shares_prefix(m)]:
+
+    rule:
+        name:
+            shared_extract_rule_name(_model)
+        input:
+            **extract_inputs(_model),
+        output:
+            embeddings=[embedding_path(_model, "test", p, layer) for p in PROMPTS for layer in layers_of(_model)],
+            answers=[answers_path(_model, "test", p) for p in PROMPTS],
+            answer_readout=[answer_readout_path(_model, "test", p) for p in PROMPTS],
+        params:
+            model_name=_model,
+            model=MODELS[_model],
+            model_path=lambda wildcards, input, m=_model: input.model if is_recipe_model(m) else MODELS[m]["path"],
+            prompts=list(PROMPTS.values()),
+            split="test",
+        log:
+            log_path(f"extract_{_model}", "test", "prompts"),
+        benchmark:
+            benchmark_path(f"extract_{_model}", "test", "prompts")
+        threads: estimate.extract_threads(MODELS[_model])
+        resources:
+            mem_mb=lambda wildcards, attempt, m=_model: estimate.extract_mem_mb(MODELS[m]) * attempt,
+            # An upper bound: every prompt's own job, summed.
+            runtime=lambda wildcards, attempt, m=_model: extract_runtime(m, "test") * len(PROMPTS) * attempt,
             gpu=estimate.extract_gpu(MODELS[_model]),
         conda:
             STAGELENS_ENV

@@ -270,8 +270,10 @@ class EmbeddedAdapter(PreparingAdapter):
             readout=self.readout.log_probs(capture.states("last")).cpu().numpy(),
         )
 
-    def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str]) -> "EmbeddedPrefixRun":
-        """Run the tokens every question's prompt shares (the image among them) once, with a KV cache."""
+    def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str],
+                    keep: Sequence[int] | None = None) -> "EmbeddedPrefixRun":
+        """Run the tokens every question's prompt shares (the image among them) once, with a KV cache;
+        keep[q]: the tokens at the end of question q's prompt that must run after the prefix (default 1)."""
         from stagelens.patching import shared_prefix_length
 
         model = self.model
@@ -280,17 +282,17 @@ class EmbeddedAdapter(PreparingAdapter):
                for q in questions]
         shared = shared_prefix_length([x.tolist() for x in ids])
         image_end = int((ids[0] == model.config.image_token_id).nonzero().max()) + 1
+        shared = min(shared, *(len(x) - k for x, k in zip(ids, keep or [1] * len(ids))))
         if shared < image_end:
             raise ValueError(f"the prompts differ before the end of the image tokens (token {shared} < {image_end})")
-        if any(len(x) == shared for x in ids):
-            shared -= 1  # every prompt keeps at least its last token to run (and patch)
         n = len(images)
         prefix = ids[0][:shared].unsqueeze(0).repeat(n, 1).to(device)
         with torch.no_grad():
             embeds = model.inputs_embeds(prefix, model.pixel_values(images))
             out = model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1)
         suffixes = [x[shared:].unsqueeze(0).repeat(n, 1) for x in ids]
-        return EmbeddedPrefixRun(model.lm, out.past_key_values, shared, suffixes, self._answer_ids)
+        image_tokens = (prefix == model.config.image_token_id).sum(dim=1).cpu()
+        return EmbeddedPrefixRun(model.lm, out.past_key_values, shared, suffixes, self._answer_ids, image_tokens)
 
 
 @dataclass
@@ -302,6 +304,7 @@ class EmbeddedPrefixRun:
     prefix_length: int
     suffix_ids: list[torch.Tensor]
     answer_ids: list[list[int]]  # per ANSWER_WORDS entry, its spellings' token ids
+    image_tokens: torch.Tensor  # (batch,) image tokens in each row's prefix
 
     @torch.no_grad()
     def continue_with(self, suffix_ids: torch.Tensor, repeat: int) -> Continuation:

@@ -173,10 +173,12 @@ class HFAdapter(PreparingAdapter):
             dim=1,
         )
 
-    def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str]) -> "HFPrefixRun":
+    def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str],
+                    keep: Sequence[int] | None = None) -> "HFPrefixRun":
         """Run the columns every question's (left-padded) prompt shares, the image among them, once
         with a KV cache. Left padding pads a row by the same amount under every question (the
-        image tokens differ per row, the text per question), so the prompts' columns line up."""
+        image tokens differ per row, the text per question), so the prompts' columns line up.
+        keep[q]: the columns at the end of question q's prompt that must run after the prefix (default 1)."""
         from stagelens.patching import shared_prefix_length
 
         inputs = [self.prepare(images, q).inputs.to(self._device).to(self._dtype) for q in questions]
@@ -185,10 +187,9 @@ class HFAdapter(PreparingAdapter):
         shared = shared_prefix_length(columns)
         image_cols = (ids[0] == self.image_token_id).any(dim=0).nonzero()
         image_end = int(image_cols.max()) + 1 if len(image_cols) else 0
+        shared = min(shared, *(t.shape[1] - k for t, k in zip(ids, keep or [1] * len(ids))))
         if shared < image_end:
             raise ValueError(f"the prompts differ before the end of the image tokens (column {shared} < {image_end})")
-        if any(t.shape[1] == shared for t in ids):
-            shared -= 1  # every prompt keeps at least its last token to run (and patch)
         prefix = {
             key: value[:, :shared] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
             for key, value in inputs[0].items()
@@ -208,8 +209,10 @@ class HFAdapter(PreparingAdapter):
         positions = seen.get("positions")
         if positions is None:
             positions = (prefix["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        image_tokens = (prefix["input_ids"] == self.image_token_id).sum(dim=1).cpu() if self.image_positions \
+            else torch.zeros(len(images), dtype=torch.long)
         return HFPrefixRun(self, out.past_key_values, prefix["attention_mask"], positions[..., -1:],
-                           "mm_token_type_ids" in prefix, shared, [t[:, shared:] for t in ids])
+                           "mm_token_type_ids" in prefix, shared, [t[:, shared:] for t in ids], image_tokens)
 
     def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False,
                 before_image: str = "") -> Prepared:
@@ -305,6 +308,7 @@ class HFPrefixRun:
     token_types: bool  # the model takes mm_token_type_ids
     prefix_length: int
     suffix_ids: list[torch.Tensor]
+    image_tokens: torch.Tensor  # (batch,) image tokens in each row's prefix
 
     @torch.no_grad()
     def continue_with(self, suffix_ids: torch.Tensor, repeat: int) -> Continuation:

@@ -154,7 +154,10 @@ class LayerCapture:
             raise RuntimeError("LayerCapture.set_batch was not called before the forward pass")
         slot = self._slot[layer]
         for pos in self.positions:
-            self._kept[pos][slot] = self._where.reduce(hidden, pos)
+            # The first forward of a batch is the prompt's; later ones (a cached continuation's
+            # answer-scoring decode steps) run one new token and must not overwrite it.
+            if self._kept[pos][slot] is None:
+                self._kept[pos][slot] = self._where.reduce(hidden, pos)
 
     def _pre_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
