@@ -111,9 +111,24 @@ def kill_group(proc: subprocess.Popen) -> list[str]:
     members = [p for p in psutil.process_iter(["pid", "cmdline"]) if _pgid(p.pid) == proc.pid]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    psutil.wait_procs(members, timeout=30)
-    assert not [p for p in psutil.process_iter() if _pgid(p.pid) == proc.pid], "processes survived the kill"
+    deadline = time.monotonic() + 30
+    while _living_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _living_members(proc.pid), "processes survived the kill"
     return [" ".join(p.info["cmdline"] or []) for p in members if p.pid != proc.pid]
+
+
+def _living_members(pgid: int) -> list[psutil.Process]:
+    """The group's processes that still run. A killed job whose parent died too is reparented to PID 1;
+    in a container whose PID 1 never reaps, it stays a zombie: dead, holding no files, so it does not count."""
+    living = []
+    for p in psutil.process_iter():
+        try:
+            if _pgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                living.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return living
 
 
 def _pgid(pid: int) -> int | None:
