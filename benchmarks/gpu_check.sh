@@ -8,6 +8,9 @@
 #      rule's code path: images/s and the share of the GPU's bf16 FLOP limit it reaches
 #      (PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16).
 # Run from the repository root after `make setup` with a CUDA torch:  bash benchmarks/gpu_check.sh
+# or with another Python that has a CUDA torch and the pins of envs/requirements.txt it uses:
+#   PYTHONPATH=src PY=python3 bash benchmarks/gpu_check.sh
+# Last run: benchmarks/results/gpu_check-h200-2026-12-04.log (91 s on one H200).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
