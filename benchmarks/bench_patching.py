@@ -1,11 +1,12 @@
 """Cost of activation patching on the embedded default's model, printed as measured ratios (never asserted).
 
 (a) seconds per image of `stagelens.patching.patch_batch` (anchor <-> one variant, every layer,
-    both directions, last token: shared prefix once with a KV cache, every layer's patched copy
-    in one batch) / seconds per image of one extraction forward pass (`adapter.forward`, every
-    layer, the anchor): what a patched image costs in units of an extracted one.
-(b) seconds per image of the naive sweep (the full prompt for every patched copy, no prefix
-    reuse, layers still batched) / (a)'s seconds per image: the saving of the prefix reuse.
+    both directions, last token: each prompt once up to its last token with a KV cache, every
+    layer's patched copy, the last token alone, in one batch) / seconds per image of one
+    extraction forward pass (`adapter.forward`, every layer, the anchor): what a patched image
+    costs in units of an extracted one.
+(b) seconds per image of the naive sweep (the full prompt for every patched copy, no cache,
+    layers still batched) / (a)'s seconds per image: the saving of the cache.
 Then the time `make run` adds with config/config.yaml's `patching` section, from (a).
 
 The model is SmolLM2-135M (dequantised from the GGUF, as rule export_lm does) + EfficientNet-Lite0

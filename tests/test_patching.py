@@ -146,6 +146,51 @@ def test_engine_self_patch_and_full_suffix_patch_within_float32_rounding(adapter
     np.testing.assert_allclose(scores["variant_to_anchor"], np.repeat(scores["variant"][:, None], len(LAYERS), 1), rtol=0, atol=1e-5)
 
 
+def _prompt_length(adapter, images, question: str) -> int:
+    """Tokens of the full prompt (left-padded to the longest row for the Hugging Face adapters)."""
+    prepared = adapter.prepare(images, question)
+    ids = prepared.inputs["input_ids"] if hasattr(prepared, "inputs") else prepared.input_ids
+    return int(ids.shape[1])
+
+
+def _full_forward_sweep(adapter, images, source: str, target: str, layers, pair) -> np.ndarray:
+    """(images, layers) answer scores of `target` run whole, no cache, with the last token's residual
+    at one layer per forward replaced by `source`'s (recorded from its own whole forward)."""
+    with torch.inference_mode():
+        with record_residuals(adapter.blocks, layers, torch.tensor([_prompt_length(adapter, images, source) - 1])) as kept:
+            adapter.forward(images, source, [0], ["last"])
+        rows, last = torch.arange(len(images)), torch.tensor([_prompt_length(adapter, images, target) - 1])
+        scores = []
+        for layer in layers:
+            with overwrite_residuals(adapter.blocks, {layer: (rows, kept[layer])}, last):
+                probs = adapter.forward(images, target, [0], ["last"]).answer_probs
+            scores.append(answer_scores(torch.log(torch.from_numpy(probs)), pair).numpy())
+    return np.stack(scores, axis=1)
+
+
+def test_last_token_engine_equals_whole_prompt_forwards_patched_at_each_layer(adapter, images):
+    """The engine recomputes the last token alone from each prompt's cache; an independent sweep runs
+    every patched prompt whole. Prompts of different lengths (the negation's differ mid-question)."""
+    scores = patch_batch(adapter, images, ANCHOR, NEGATION, LAYERS, "last", ("yes", "no"))
+    for direction, (source, target) in {"anchor_to_variant": (ANCHOR, NEGATION),
+                                        "variant_to_anchor": (NEGATION, ANCHOR)}.items():
+        expected = _full_forward_sweep(adapter, images, source, target, LAYERS, ("yes", "no"))
+        clean = scores["variant" if target == NEGATION else "anchor"]
+        assert np.abs(expected - clean[:, None]).max() > 1e-3  # the patch does move the answer
+        np.testing.assert_allclose(scores[direction], expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", TINY)
+def test_hf_last_token_engine_equals_whole_prompt_forwards(tiny_adapters, tiny_images, recipe):
+    """As above on the Hugging Face adapters: left padding, image tokens per row, (M-)RoPE positions."""
+    adapter = tiny_adapters[recipe]
+    layers = list(range(adapter.info.num_layers + 1))
+    scores = patch_batch(adapter, tiny_images, ANCHOR, NEGATION, layers, "last", ("yes", "no"))
+    expected = _full_forward_sweep(adapter, tiny_images, ANCHOR, NEGATION, layers, ("yes", "no"))
+    assert np.abs(expected - scores["variant"][:, None]).max() > 1e-4
+    np.testing.assert_allclose(scores["anchor_to_variant"], expected, rtol=0, atol=1e-4)
+
+
 def test_suffix_position_refuses_prompts_of_different_length(adapter, images):
     with pytest.raises(ValueError, match="equal length"):
         patch_batch(adapter, images, ANCHOR, NEGATION, LAYERS, "suffix", ("yes", "no"))
@@ -358,8 +403,11 @@ def test_run_patching_writes_a_table_the_curve_reads(adapter, images, tmp_path):
     summary = run_patching(adapter, paths, request, str(out), progress=False)
     table = pl.read_parquet(out)
     assert len(table) == len(images) * 2 * len(LAYERS)
-    # 2 batches x (1 prefix + 2 clean + 2 patched) model calls, against 3 x 2 x (1 + 3) full forwards.
-    assert summary["model_calls"] == 10 and summary["naive_forwards"] == len(images) * (2 + 2 * len(LAYERS))
+    # 2 batches x (2 prompt runs up to the last token + 2 clean + 2 patched) model calls, against
+    # 3 x 2 x (1 + 3) full forwards; every clean or patched row recomputes the last token alone.
+    assert summary["model_calls"] == 12 and summary["naive_forwards"] == len(images) * (2 + 2 * len(LAYERS))
+    lengths = [_prompt_length(adapter, images[:1], q) for q in (ANCHOR, NEGATION)]
+    assert summary["tokens"] == len(images) * (sum(lengths) - 2 + 2 + 2 * len(LAYERS))
     curves, onsets = patching_tables(table, {"id": "neg", "family": "negation", "expected": "no"}, N_BLOCKS,
                                      n_bootstrap=50, ci=0.9, seed=0)
     last = curves.filter(pl.col("layer") == N_BLOCKS)["restored"].to_list()

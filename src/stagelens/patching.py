@@ -6,9 +6,12 @@ written in at layer l (direction `anchor_to_variant`), and the anchor with the v
 (case variants summed), or log P(1) - log P(0) when the variant expects 1 or 0, with the
 adapter's own answer-word scoring. `stagelens.causal` turns the scores into restored fractions.
 
-Cost: the two prompts share every token up to the question (the image among them), so the
-prefix runs once per image with a KV cache and only the suffixes run per prompt and layer, every
-layer's patched copy in one batch: 1 prefix pass + 2 clean + 2 patched model calls per batch.
+Cost: every layer's patched copy runs in one batch, from a KV cache. At position `last` each
+prompt runs once up to its last token (the image among them) and a patched copy recomputes the
+last token alone: patching it changes no other token's keys and values, so the copy's cache is
+the clean prompt's. At position `suffix` the two prompts share every token up to the question,
+which runs once, and each copy recomputes its prompt's whole suffix. Per batch: 2 prefix passes
+(`last`) or 1 (`suffix`) + 2 clean + 2 patched model calls.
 """
 
 from __future__ import annotations
@@ -123,10 +126,7 @@ def patch_batch(
     counts = counts if counts is not None else PatchCounts()
     n, k = len(images), len(layers)
     with torch.inference_mode():
-        run = adapter.prefix_pass(images, [anchor, variant])
-        prefix_tokens = int(run.prefix_length)
-        counts.add(n, prefix_tokens)
-        ids = dict(zip(("anchor", "variant"), run.suffix_ids))
+        runs, ids = _prompt_runs(adapter, images, anchor, variant, position, counts)
         if position == "suffix" and ids["anchor"].shape[1] != ids["variant"].shape[1]:
             raise ValueError(
                 f"position 'suffix' needs prompts of equal length after the shared prefix; got "
@@ -137,7 +137,7 @@ def patch_batch(
         vectors: dict[str, dict[int, torch.Tensor]] = {}
         for name in ("anchor", "variant"):
             with record_residuals(adapter.blocks, layers, cols[name]) as kept:
-                out = run.continue_with(ids[name], 1)
+                out = runs[name].continue_with(ids[name], 1)
             counts.add(n, ids[name].shape[1])
             vectors[name] = kept
             scores[name] = answer_scores(out.answer_log_probs, pair).float().cpu().numpy()
@@ -153,14 +153,30 @@ def patch_batch(
                     layer: (torch.arange(n) * len(chunk) + j, vectors[source][layer]) for j, layer in enumerate(chunk)
                 }
                 with overwrite_residuals(adapter.blocks, writes, cols[target]):
-                    out = run.continue_with(ids[target], len(chunk))
+                    out = runs[target].continue_with(ids[target], len(chunk))
                 counts.add(n * len(chunk), ids[target].shape[1])
                 parts.append(answer_scores(out.answer_log_probs, pair).float().cpu().numpy().reshape(n, len(chunk)))
             scores[direction] = np.concatenate(parts, axis=1)
-        full = {name: prefix_tokens + t.shape[1] for name, t in ids.items()}
+        full = {name: runs[name].prefix_length + t.shape[1] for name, t in ids.items()}
         counts.naive_forwards += n * (2 + 2 * k)
         counts.naive_tokens += n * (1 + k) * (full["anchor"] + full["variant"])
     return scores
+
+
+def _prompt_runs(adapter: PatchableAdapter, images: Sequence[Image.Image], anchor: str, variant: str, position: str,
+                 counts: PatchCounts) -> tuple[dict[str, PrefixRun], dict[str, torch.Tensor]]:
+    """Per prompt, the cached run its copies continue and the token ids they continue with. `last`:
+    each prompt's own run up to its last token, which alone is recomputed; `suffix`: one run of
+    the tokens both prompts share, each prompt's suffix recomputed."""
+    names = ("anchor", "variant")
+    if position == "last":
+        runs = {name: adapter.prefix_pass(images, [text]) for name, text in zip(names, (anchor, variant))}
+        for run in runs.values():
+            counts.add(len(images), int(run.prefix_length))
+        return runs, {name: run.suffix_ids[0] for name, run in runs.items()}
+    run = adapter.prefix_pass(images, [anchor, variant])
+    counts.add(len(images), int(run.prefix_length))
+    return dict.fromkeys(names, run), dict(zip(names, run.suffix_ids))
 
 
 def patch_subset(samples: Sequence[Sample], per_class: int, seed: int) -> list[Sample]:
@@ -261,7 +277,7 @@ def run_patching(
         "score": f"log P({pair[0]}) - log P({pair[1]}), spellings summed ({WORD_SPELLINGS[pair[0]]} vs "
         f"{WORD_SPELLINGS[pair[1]]}), next token after the prompt",
         "patch": "residual stream at the layer, at the patched positions, replaced by the source prompt's "
-        "for the same image; the shared prefix runs once with a KV cache",
+        "for the same image; the tokens before the patched ones run once with a KV cache",
         **dict(extra_metadata or {}),
         **summary,
         **versions(),
