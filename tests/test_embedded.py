@@ -278,6 +278,24 @@ def test_vision_layers_are_the_efficientnet_stages(model, images):
     assert adapter.vision.projector_input["vision_layers"] == [8]
 
 
+def test_prompt_pass_and_shared_prefix_read_what_the_image_pass_reads(model, images):
+    """share_prefix folds the image pass into the prompt jobs: a prompt pass and a shared prefix pass
+    keep the image positions and the EfficientNet stages the image pass keeps (float32 rounding)."""
+    adapter = adapter_for(model)
+    layers, stages = list(range(N_BLOCKS + 1)), list(range(9))
+    image_pass = adapter.forward_image(images, layers, stages)
+    question = "Does this image show a piece of clothing? The answer must be always yes or no."
+    prepared = adapter.prepare(images, question)
+    prompt_pass = adapter.forward_prepared(prepared, layers, ["last", "image_mean"], stages)
+    prefix = adapter.prefix_pass(images, [question, question.replace("image", "picture")], image_layers=layers,
+                                 vision_layers=stages).image
+    for got in (prompt_pass, prefix):
+        np.testing.assert_allclose(got.vectors["image_mean"], image_pass.vectors["image_mean"], rtol=1e-5, atol=1e-5)
+        for v in stages:
+            np.testing.assert_allclose(got.vision["patch_mean"][v], image_pass.vision["patch_mean"][v], rtol=1e-5, atol=1e-5)
+    assert adapter.prefix_pass(images, [question, question + " Thank you."]).image is None  # nothing asked, nothing kept
+
+
 def test_answer_tokens_are_the_words_themselves(tokenizer_template):
     ids = answer_token_ids(tokenizer_template)
     for word in ANSWER_WORDS:

@@ -433,3 +433,59 @@ def test_shared_prefix_extraction_failure_leaves_no_output(adapters, samples, tm
         run_prompts(failing, samples, tmp_path, GROUP, batch_size=2)
     assert failing.calls == 2
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def _assert_same_image_files(got_paths, expected_paths, tolerance):
+    """Same rows, vectors within `tolerance`, same metadata except `read_from` (which says where from)."""
+    assert len(got_paths) == len(expected_paths)
+    for got_path, expected_path in zip(got_paths, expected_paths):
+        got_meta, expected_meta = read_metadata(got_path), read_metadata(expected_path)
+        assert "read_from" in got_meta and "read_from" not in expected_meta
+        assert {k: v for k, v in got_meta.items() if k != "read_from"} == expected_meta
+        for position in expected_meta["positions"]:
+            ids, labels, got = read_vectors(got_path, position)
+            expected_ids, expected_labels, expected = read_vectors(expected_path, position)
+            assert ids.tolist() == expected_ids.tolist() and labels.tolist() == expected_labels.tolist()
+            np.testing.assert_allclose(got, expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_prompt_jobs_write_the_image_pass_files_from_their_own_forward(adapters, samples, tmp_path, recipe):
+    """share_prefix: the anchor's pass (train split) and the shared prefix (test split) write the image
+    pass's files, image positions and vision layers, from the forward they run anyway: what
+    extract_image writes, to float32 rounding (1e-5; 1e-4 from the cached prefix)."""
+    adapter = adapters[recipe]
+    tower = {"vision_num_layers": adapter.vision.num_layers, "vision_layers": (0, adapter.vision.num_layers)} \
+        if adapter.vision is not None else {}
+    layers = (0, 2, 4)
+    spec = spec_of(adapter.info.model_id, layers=layers, batch_size=3, positions=POSITIONS, **tower)
+
+    def files(root):
+        return ([root / "image" / f"layer{layer}.parquet" for layer in layers],
+                [root / "vision" / f"layer{v}.parquet" for v in spec.vision_layers_of()])
+
+    image, vision = files(tmp_path / "image_pass")
+    extract_image(adapter, spec, samples, image, split="test", vision_paths=vision, progress=False)
+    one_image, one_vision = files(tmp_path / "anchor")
+    emb, ans = outputs(tmp_path / "anchor", layers)
+    summary = extract(adapter, spec, samples, PROMPT, emb, ans, split="test", progress=False,
+                      image_paths=one_image, vision_paths=one_vision)
+    assert summary["vision_layers"] == list(spec.vision_layers_of())
+    _assert_same_image_files(one_image + one_vision, image + vision, 1e-5)
+    assert "the prompt pass of 'anchor'" in read_metadata(one_image[0])["read_from"]
+    shared_image, shared_vision = files(tmp_path / "shared")
+    root = tmp_path / "shared"
+    extract_prompts(adapter, spec, samples, GROUP, [root / p["id"] / f"layer{layer}.parquet" for p in GROUP for layer in layers],
+                    [root / p["id"] / "answers.parquet" for p in GROUP], [root / p["id"] / "readout.parquet" for p in GROUP],
+                    split="test", progress=False, image_paths=shared_image, vision_paths=shared_vision)
+    _assert_same_image_files(shared_image + shared_vision, image + vision, 1e-4)
+    assert "the shared prefix of ['anchor', 'lex', 'suffix']" in read_metadata(shared_image[0])["read_from"]
+
+
+def test_a_prompt_with_text_before_the_image_cannot_write_the_image_pass_files(adapters, samples, tmp_path):
+    adapter = adapters["tiny-llava"]
+    spec = spec_of(adapter.info.model_id, layers=(0,), batch_size=3, positions=POSITIONS)
+    emb, ans = outputs(tmp_path, [0])
+    with pytest.raises(ValueError, match="puts text before the image"):
+        extract(adapter, spec, samples, BEFORE, emb, ans, split="test", progress=False, image_paths=[tmp_path / "i.parquet"])
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -530,10 +530,19 @@ def test_vision_layers_equal_the_towers_output_hidden_states(vision_adapters, im
         assert facts["vision_layers"] == [V] and facts["drops_cls"] is False
 
 
-def test_vision_layers_only_in_the_image_pass(adapters, image_rows):
-    adapter = adapters["tiny-llava"]
-    images = load_images(image_rows, 1)
-    with pytest.raises(ValueError, match="image pass only"):
-        adapter.forward_prepared(adapter.prepare(images, QUESTION), [0], ["last"], [1])
+@pytest.mark.parametrize("recipe", ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"])
+def test_a_prompt_pass_reads_the_vision_layers_the_image_pass_reads(adapters, image_rows, recipe):
+    """The vision tower does not see the prompt: a prompt pass (share_prefix's train-split job) keeps
+    the vision layers and image positions the image pass keeps; out-of-range layers are named."""
+    adapter = adapters[recipe]
+    images = load_images(image_rows, 3)
+    stages = list(range(adapter.vision.num_layers + 1))
+    image_pass = adapter.forward_image(images, [0, 1], stages)
+    prompt_pass = adapter.forward_prepared(adapter.prepare(images, QUESTION), [0, 1], ["last", "image_mean"], stages)
+    np.testing.assert_allclose(prompt_pass.vectors["image_mean"], image_pass.vectors["image_mean"], rtol=1e-5, atol=1e-5)
+    assert set(prompt_pass.vision) == set(image_pass.vision)
+    for position, per_layer in image_pass.vision.items():
+        for got, expected in zip(prompt_pass.vision[position], per_layer, strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="out of range 0..2"):
         adapter.forward_image(images, [0], [3])

@@ -178,11 +178,12 @@ def shared(cfg: dict) -> dict:
 
 
 def test_shared_prefix_schedules_one_test_extraction_for_every_prompt(images, tmp_path):
-    """share_prefix: the train split's anchor keeps its job, the test split's prompts share one;
-    the analysis is unchanged."""
+    """share_prefix: the train split's anchor keeps its job, the test split's prompts share one, and
+    the two write the image pass's files (no image_pass job); the analysis is unchanged."""
     jobs = planned_jobs(tmp_path, shared(tiny_config(images, variants=(LEXICAL, NEGATION, LOOK))))
-    assert [w["split"] for rule, w in jobs if rule == "extract_tiny_llava"] == ["train"]
-    assert [rule for rule, _ in jobs].count("shared_extract_tiny_llava") == 1
+    rules = [rule for rule, _ in jobs]
+    assert rules.count("extract_tiny_llava") == 1 and rules.count("shared_extract_tiny_llava") == 1
+    assert "image_pass_tiny_llava" not in rules
     counts = {rule: [r for r, _ in jobs].count(rule) for rule, _ in jobs}
     assert analysis_part(counts) == expected_analysis({"tiny-llava": 3}, 4, n_before_image=1, vision_by_model={"tiny-llava": 3})
 
@@ -275,7 +276,8 @@ def test_shipped_config_dry_run(name, tmp_path):
         suffix = re.sub(r"[^A-Za-z0-9_]", "_", model)
         assert counts["extract_" + suffix] == (1 if m.get("share_prefix") else 1 + n_prompts)
         assert counts.get("shared_extract_" + suffix, 0) == (1 if m.get("share_prefix") else 0)
-        assert counts["image_pass_" + re.sub(r"[^A-Za-z0-9_]", "_", model)] == 2
+        # share_prefix: the prompt jobs write the image pass's files (folds_image_pass)
+        assert counts.get("image_pass_" + suffix, 0) == (0 if m.get("share_prefix") else 2)
     assert counts["prepare_dataset"] == 1
     assert analysis_part(counts) == expected_analysis(n_layers, n_prompts, vision_by_model=n_vision)
     patching = cfg.get("patching", {})
@@ -461,6 +463,16 @@ def test_shared_prefix_run_writes_the_per_prompt_runs_files(finished_run, tmp_pa
                                            np.stack(expected.column(column).to_numpy(zero_copy_only=False)), atol=1e-4)
         got, expected = (pq.read_table(d / "answers" / "test" / f"{prompt}.parquet") for d in (res, own))
         np.testing.assert_allclose(got.column("p_yes").to_numpy(), expected.column("p_yes").to_numpy(), atol=1e-5)
+    # The shared job wrote the image pass's test files too, from its prefix: the image pass's values.
+    folded = sorted((res / "embeddings" / "test").glob("[iv]*/layer*.parquet"))
+    assert {p.parent.name for p in folded} == {"image", "vision"}
+    for path in folded:
+        got, expected = pq.read_table(path), pq.read_table(own / path.relative_to(res))
+        assert got.column_names == expected.column_names and got.column("sample_id").equals(expected.column("sample_id"))
+        assert "read_from" in json.loads(got.schema.metadata[b"stagelens"])
+        for column in got.column_names[2:]:
+            np.testing.assert_allclose(np.stack(got.column(column).to_numpy(zero_copy_only=False)),
+                                       np.stack(expected.column(column).to_numpy(zero_copy_only=False)), atol=1e-4)
     grown = shared({**cfg, "prompts": {**cfg["prompts"], "variants": [*cfg["prompts"]["variants"], dict(NEGATION)]}})
     jobs = planned_jobs(tmp_path, grown, "grown.yaml", *targets, f"results/tiny-llava/answers/test/{NEGATION['id']}.parquet")
     assert [rule for rule, _ in jobs] == ["shared_extract_tiny_llava"]  # every prompt again, not the new one alone

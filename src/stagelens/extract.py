@@ -267,10 +267,14 @@ def extract(
     split: str,
     readout_path: str | os.PathLike | None = None,
     progress: bool = True,
+    image_paths: Sequence[str | os.PathLike] = (),
+    vision_paths: Sequence[str | os.PathLike] = (),
 ) -> dict[str, object]:
     """Write embedding_paths[i] (layer i of `spec`'s layers; the prompt-dependent positions),
     answers_path and (where given) readout_path, the answer readout per image x layer, for
-    `samples` under `prompt`.
+    `samples` under `prompt`; with image_paths (and vision_paths), also the image pass's files
+    (`extract_image`) from the same forward, whose tokens up to the last image token are the
+    image pass's (models.<m>.share_prefix: no separate image pass).
 
     prompt: {"id", "text", "family", "expected"} and optionally "before_image" (text put before
     the image: the image positions are then read here too, from this prompt's own forward pass).
@@ -281,8 +285,26 @@ def extract(
     layers = spec.layers_of(adapter.info.num_layers)
     check_request(adapter, spec, layers, embedding_paths)
     _check_image_prefix(adapter, spec, prompt)
+    vision = _folded_image_request(adapter, spec, prompt, layers, image_paths, vision_paths)
     return _write_pass(adapter, spec, samples, prompt, prompt_positions(spec, prompt), layers, embedding_paths,
-                       answers_path, readout_path, split, progress)
+                       answers_path, readout_path, split, progress, vision, image_paths)
+
+
+def _folded_image_request(adapter: ModelAdapter, spec: ModelSpec, prompt: Mapping[str, str], layers: Sequence[int],
+                          image_paths: Sequence[str | os.PathLike], vision_paths: Sequence[str | os.PathLike]) -> VisionRequest | None:
+    """Clear errors for image-pass files asked of a prompt pass; returns the vision request (None: none)."""
+    if not image_paths:
+        if vision_paths:
+            raise ValueError("vision layers are written with the image positions' files: pass image_paths too")
+        return None
+    if has_text_before_image(prompt):
+        raise ValueError(f"prompt {prompt['id']!r} puts text before the image: its image tokens are its own, "
+                         "not the image pass's")
+    if not image_positions(spec):
+        raise ValueError(f"models.{spec.name}.positions has no image position ({list(IMAGE_POSITIONS)}): "
+                         "no image-pass files to write")
+    check_request(adapter, spec, layers, image_paths)
+    return VisionRequest.of(adapter, spec, vision_paths)
 
 
 def _check_image_prefix(adapter: ModelAdapter, spec: ModelSpec, prompt: Mapping[str, str]) -> None:
@@ -457,18 +479,44 @@ def _write_pass(
     split: str,
     progress: bool,
     vision: VisionRequest | None = None,
+    image_paths: Sequence[str | os.PathLike] = (),
 ) -> dict[str, object]:
     """Run every batch and write the files of one pass (prompt None: the image pass, no answers
-    and no readout)."""
+    and no readout); a prompt pass given image_paths also writes the image pass's files (and
+    `vision`'s) from the same forward."""
     _check_batching(spec, samples)
-    files = _PassFiles(adapter, spec, prompt, positions, layers, embedding_paths, answers_path, readout_path, split,
-                       vision)
-    outputs = ((batch, [out]) for batch, out in _run_batches(
-        adapter, samples, spec.batch_size, prompt, layers, positions, vision.layers if vision is not None else []))
+    vision_layers = vision.layers if vision is not None else []
+    if vision_layers and prompt is not None and not isinstance(adapter, PreparingAdapter):
+        raise ValueError(f"the {adapter.info.architecture} adapter reads vision layers in its image pass only")
+    files: list[_PassFiles] = []
+    forward_positions = list(positions)
+    try:
+        if prompt is None:
+            files.append(_PassFiles(adapter, spec, None, positions, layers, embedding_paths, None, None, split, vision))
+        else:
+            files.append(_PassFiles(adapter, spec, prompt, positions, layers, embedding_paths, answers_path,
+                                    readout_path, split))
+            if image_paths:
+                files.append(_folded_image_files(adapter, spec, layers, image_paths, split, vision,
+                                                 f"the prompt pass of {prompt['id']!r}"))
+                forward_positions += image_positions(spec)
+    except BaseException:
+        for pass_files in files:
+            pass_files.abort()
+        raise
+    outputs = ((batch, [out] * len(files)) for batch, out in _run_batches(
+        adapter, samples, spec.batch_size, prompt, layers, forward_positions, vision_layers))
     desc = f"extract {split}/{prompt['id'] if prompt is not None else 'image'}"
-    seconds = _write_passes([files], outputs, len(samples), desc, progress)
-    return {"rows": len(samples), "seconds": seconds, "layers": layers,
-            "vision_layers": vision.layers if vision is not None else []}
+    seconds = _write_passes(files, outputs, len(samples), desc, progress)
+    return {"rows": len(samples), "seconds": seconds, "layers": layers, "vision_layers": vision_layers}
+
+
+def _folded_image_files(adapter: ModelAdapter, spec: ModelSpec, layers: list[int],
+                        image_paths: Sequence[str | os.PathLike], split: str, vision: VisionRequest | None,
+                        read_from: str) -> _PassFiles:
+    """The image pass's files, written from a prompt pass (their metadata says which)."""
+    return _PassFiles(adapter, spec, None, image_positions(spec), layers, image_paths, None, None, split, vision,
+                      {"read_from": f"{read_from}: its tokens up to the last image token are the image pass's"})
 
 
 def _check_batching(spec: ModelSpec, samples: Sequence[Sample]) -> None:
@@ -489,6 +537,8 @@ def extract_prompts(
     *,
     split: str,
     progress: bool = True,
+    image_paths: Sequence[str | os.PathLike] = (),
+    vision_paths: Sequence[str | os.PathLike] = (),
 ) -> dict[str, object]:
     """`extract` for several prompts of one split in one job (models.<m>.share_prefix): per batch,
     the tokens the prompts share (template head and image) run once with a KV cache and each
@@ -496,7 +546,9 @@ def extract_prompts(
     (prompt i's layers, then prompt i+1's); prompts[i]'s other files are answers_paths[i] and
     readout_paths[i]. A prompt with text
     before the image has its own image tokens: it runs its own full pass here. The files are those
-    `extract` writes, up to float rounding, with `shared_prefix` in their metadata."""
+    `extract` writes, up to float rounding, with `shared_prefix` in their metadata. image_paths
+    (and vision_paths): the image pass's files, read from the shared prefix (or, where one prompt
+    alone has no text before the image, from its pass)."""
     if not prompts or len(embedding_paths) % len(prompts) or not len(prompts) == len(answers_paths) == len(readout_paths):
         raise ValueError(f"{len(prompts)} prompts need as many answers and readout paths and a multiple of it embedding "
                          f"paths (got {len(answers_paths)}, {len(readout_paths)}, {len(embedding_paths)})")
@@ -509,11 +561,16 @@ def extract_prompts(
                          f"set models.{spec.name}.share_prefix: false")
     jobs = list(zip(prompts, embedding_paths, answers_paths, readout_paths))
     shared = [job for job in jobs if not has_text_before_image(job[0])]
-    summaries = [extract(adapter, spec, samples, prompt, emb, ans, split=split, readout_path=readout, progress=progress)
-                 for prompt, emb, ans, readout in jobs if has_text_before_image(prompt) or len(shared) == 1]
+    if image_paths and not shared:
+        raise ValueError("every prompt puts text before the image: none runs the image pass's tokens")
+    lone = len(shared) == 1  # the image pass's files, if asked for, come from its pass
+    summaries = [extract(adapter, spec, samples, prompt, emb, ans, split=split, readout_path=readout, progress=progress,
+                         **({"image_paths": image_paths, "vision_paths": vision_paths} if lone and not
+                            has_text_before_image(prompt) else {}))
+                 for prompt, emb, ans, readout in jobs if has_text_before_image(prompt) or lone]
     if len(shared) < 2:
         return {"rows": len(samples), "seconds": sum(s["seconds"] for s in summaries), "layers": summaries[0]["layers"],
-                "vision_layers": []}
+                "vision_layers": [v for s in summaries for v in s["vision_layers"]]}
     _check_batching(spec, samples)
     layers = spec.layers_of(adapter.info.num_layers)
     for _, emb, _, _ in shared:
@@ -521,6 +578,7 @@ def extract_prompts(
     group = [prompt for prompt, *_ in shared]
     for prompt in group:
         _check_image_prefix(adapter, spec, prompt)
+    vision = _folded_image_request(adapter, spec, group[0], layers, image_paths, vision_paths)
     from stagelens.shared_prefix import forward_prompts, tail_lengths
 
     tails = tail_lengths(adapter, group)
@@ -532,15 +590,24 @@ def extract_prompts(
     try:
         for prompt, emb, ans, readout in shared:
             files.append(_PassFiles(adapter, spec, prompt, positions, layers, emb, ans, readout, split, None, meta))
+        if image_paths:
+            files.append(_folded_image_files(adapter, spec, layers, image_paths, split, vision,
+                                             f"the shared prefix of {[p['id'] for p in group]}"))
     except BaseException:
         for pass_files in files:
             pass_files.abort()
         raise
-    outputs = ((batch, forward_prompts(adapter, images, group, layers, positions, tails))
-               for batch, images in _images_ahead(samples, spec.batch_size))
+    image_layers = layers if image_paths else []
+    vision_layers = vision.layers if vision is not None else []
+
+    def forward(images):
+        outs, image = forward_prompts(adapter, images, group, layers, positions, tails, image_layers, vision_layers)
+        return [*outs, image] if image_paths else outs
+
+    outputs = ((batch, forward(images)) for batch, images in _images_ahead(samples, spec.batch_size))
     seconds = _write_passes(files, outputs, len(samples), f"extract {split}/{len(group)} prompts", progress)
     return {"rows": len(samples) * len(jobs), "seconds": seconds + sum(s["seconds"] for s in summaries),
-            "layers": layers, "vision_layers": []}
+            "layers": layers, "vision_layers": vision_layers}
 
 
 def _images_ahead(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[Sequence[Sample], list[Image.Image]]]:

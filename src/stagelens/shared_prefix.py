@@ -23,15 +23,17 @@ def tail_lengths(adapter, prompts: Sequence[Mapping[str, str]]) -> list[int]:
 
 def forward_prompts(
     adapter, images: Sequence[Image.Image], prompts: Sequence[Mapping[str, str]], layers: Sequence[int],
-    positions: Sequence[str], tails: Sequence[int],
-) -> list[BatchVectors]:
+    positions: Sequence[str], tails: Sequence[int], image_layers: Sequence[int] = (), vision_layers: Sequence[int] = (),
+) -> tuple[list[BatchVectors], BatchVectors | None]:
     """One `BatchVectors` per prompt, as the adapter's own prompt pass gives it (vectors at the
-    prompt positions, answer probabilities, answer readout), from one prefix pass over `images`.
+    prompt positions, answer probabilities, answer readout), from one prefix pass over `images`;
+    and, where image_layers or vision_layers are asked for, the image pass's vectors read from
+    that prefix (it holds every token up to the last image token), else None.
 
     The values equal the full forwards' up to float rounding (a cached continuation multiplies
     matrices of other shapes); tails: `tail_lengths(adapter, prompts)`.
     """
-    run = adapter.prefix_pass(images, [p["text"] for p in prompts], tails)
+    run = adapter.prefix_pass(images, [p["text"] for p in prompts], tails, image_layers, vision_layers)
     kept = positions if "last" in positions else [*positions, "last"]  # the readout reads `last`
     results = []
     for suffix, tail in zip(run.suffix_ids, tails):
@@ -48,4 +50,4 @@ def forward_prompts(
             n_image_tokens=run.image_tokens.numpy().astype(np.int32),
             readout=readout.cpu().numpy(),
         ))
-    return results
+    return results, run.image

@@ -192,12 +192,33 @@ def vision_models():
     return [model for model in MODELS if vision_layers_of(model)]
 
 
-def image_pass_outputs(model):
+def image_pass_outputs(model, split="{split}"):
     """Outputs of image_pass_<model>: the image positions per LM layer, and the vision layers' files."""
-    outputs = {"embeddings": [image_embedding_path(model, "{split}", layer) for layer in layers_of(model)]}
+    outputs = {"embeddings": [image_embedding_path(model, split, layer) for layer in layers_of(model)]}
     if vision_layers_of(model):
-        outputs["vision"] = [vision_embedding_path(model, "{split}", layer) for layer in vision_layers_of(model)]
+        outputs["vision"] = [vision_embedding_path(model, split, layer) for layer in vision_layers_of(model)]
     return outputs
+
+
+def folds_image_pass(model):
+    """With share_prefix the prompt jobs write the image pass's files from forwards they run anyway
+    (the anchor's pass on the train split, the shared prefix on the test split): no image_pass job."""
+    return shares_prefix(model) and has_image_pass(model) and ANCHOR not in BEFORE_IMAGE
+
+
+def folded_image_outputs(model, split):
+    """The image pass's outputs of `split` where a prompt job writes them (else none), under the
+    names scripts/extract.py reads."""
+    if not folds_image_pass(model):
+        return {}
+    outputs = image_pass_outputs(model, split)
+    return {"image_embeddings": outputs["embeddings"], **({"vision": outputs["vision"]} if "vision" in outputs else {})}
+
+
+def extract_job(model):
+    """(split, prompt) of extract_<model>'s outputs: wildcards, or the train split's anchor alone
+    where that job also writes the image pass's files (its outputs then carry no wildcard)."""
+    return ("train", ANCHOR) if folds_image_pass(model) else ("{split}", "{prompt}")
 
 
 def prompt_positions(model):

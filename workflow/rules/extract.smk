@@ -6,9 +6,12 @@
 # image token, which every prompt shares (each prompt's job checks that from its token ids), and,
 # where models.<m>.vision_num_layers is set, the vision encoder's layers of the same forward.
 # With models.<m>.share_prefix, shared_extract_<model> writes every test-split prompt's files in one
-# job (the shared tokens once per batch), and extract_<model> serves the train split alone.
+# job (the shared tokens once per batch), and extract_<model> serves the train split alone; both
+# then write their split's image-pass files too, from the forwards they run anyway (the anchor's
+# pass, the shared prefix), and no image_pass_<model> job runs (folds_image_pass).
 
 for _model in MODELS:
+    _split, _prompt = extract_job(_model)
 
     rule:
         name:
@@ -18,24 +21,25 @@ for _model in MODELS:
         input:
             **extract_inputs(_model),
         output:
-            embeddings=[embedding_path(_model, "{split}", "{prompt}", layer) for layer in layers_of(_model)],
-            answers=answers_path(_model, "{split}", "{prompt}"),
-            answer_readout=answer_readout_path(_model, "{split}", "{prompt}"),
+            embeddings=[embedding_path(_model, _split, _prompt, layer) for layer in layers_of(_model)],
+            answers=answers_path(_model, _split, _prompt),
+            answer_readout=answer_readout_path(_model, _split, _prompt),
+            **folded_image_outputs(_model, "train"),
         params:
             model_name=_model,
             model=MODELS[_model],
             model_path=lambda wildcards, input, m=_model: input.model if is_recipe_model(m) else MODELS[m]["path"],
-            prompt=lambda wildcards: PROMPTS[wildcards.prompt],
-            split=lambda wildcards: wildcards.split,
+            prompt=lambda wildcards: PROMPTS[wildcards.get("prompt", ANCHOR)],
+            split=lambda wildcards: wildcards.get("split", "train"),
         log:
-            log_path(f"extract_{_model}", "{split}", "{prompt}"),
+            log_path(f"extract_{_model}", _split, _prompt),
         benchmark:
-            benchmark_path(f"extract_{_model}", "{split}", "{prompt}")
+            benchmark_path(f"extract_{_model}", _split, _prompt)
         threads: estimate.extract_threads(MODELS[_model])
         resources:
             # A retry (profiles: retries) gets twice the memory and time.
             mem_mb=lambda wildcards, attempt, m=_model: estimate.extract_mem_mb(MODELS[m]) * attempt,
-            runtime=lambda wildcards, attempt, m=_model: extract_runtime(m, wildcards.split) * attempt,
+            runtime=lambda wildcards, attempt, m=_model: extract_runtime(m, wildcards.get("split", "train")) * attempt,
             gpu=estimate.extract_gpu(MODELS[_model]),
         conda:
             STAGELENS_ENV
@@ -54,6 +58,7 @@ for _model in [m for m in MODELS if shares_prefix(m)]:
             embeddings=[embedding_path(_model, "test", p, layer) for p in PROMPTS for layer in layers_of(_model)],
             answers=[answers_path(_model, "test", p) for p in PROMPTS],
             answer_readout=[answer_readout_path(_model, "test", p) for p in PROMPTS],
+            **folded_image_outputs(_model, "test"),
         params:
             model_name=_model,
             model=MODELS[_model],
@@ -76,7 +81,7 @@ for _model in [m for m in MODELS if shares_prefix(m)]:
             "../../scripts/extract.py"
 
 
-for _model in [m for m in MODELS if has_image_pass(m)]:
+for _model in [m for m in MODELS if has_image_pass(m) and not folds_image_pass(m)]:
 
     rule:
         name:

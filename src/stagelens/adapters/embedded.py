@@ -42,6 +42,7 @@ from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_to
 from stagelens.adapters.readout import READOUT_RULE, AnswerReadout, causal_lm_parts, logit_softcap
 from stagelens.adapters.residual_patch import Continuation
 from stagelens.adapters.vision import check_vision_request, load_vision_tower
+from stagelens.positions import IMAGE_POSITIONS
 from stagelens.prompt_layout import PromptLayout, prompt_layout
 from stagelens.prompts import answer_token_ids
 from stagelens.spec import ModelSpec, resolve_device, torch_dtype
@@ -238,7 +239,7 @@ class EmbeddedAdapter(PreparingAdapter):
         also keeps the EfficientNet stages `vision_layers`."""
         image_only = prepared.question_last_from_end is None
         check_positions(positions, image_only)
-        check_vision_request(self.vision, vision_layers, image_only, self.info.architecture)
+        check_vision_request(self.vision, vision_layers, self.info.architecture)
         model = self.model
         device = next(model.parameters()).device
         # The prompt pass always keeps `last` at every layer: the answer readout reads it.
@@ -268,12 +269,16 @@ class EmbeddedAdapter(PreparingAdapter):
             answer_probs=answer_probs.numpy().astype(np.float32),
             n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
             readout=self.readout.log_probs(capture.states("last")).cpu().numpy(),
+            vision=vision.vectors() if vision else None,
         )
 
     def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str],
-                    keep: Sequence[int] | None = None) -> "EmbeddedPrefixRun":
+                    keep: Sequence[int] | None = None, image_layers: Sequence[int] = (),
+                    vision_layers: Sequence[int] = ()) -> "EmbeddedPrefixRun":
         """Run the tokens every question's prompt shares (the image among them) once, with a KV cache;
-        keep[q]: the tokens at the end of question q's prompt that must run after the prefix (default 1)."""
+        keep[q]: the tokens at the end of question q's prompt that must run after the prefix (default 1).
+        image_layers / vision_layers: also keep the image positions and the vision layers of this
+        forward, as the image pass does (`EmbeddedPrefixRun.image`)."""
         from stagelens.patching import shared_prefix_length
 
         model = self.model
@@ -287,12 +292,26 @@ class EmbeddedAdapter(PreparingAdapter):
             raise ValueError(f"the prompts differ before the end of the image tokens (token {shared} < {image_end})")
         n = len(images)
         prefix = ids[0][:shared].unsqueeze(0).repeat(n, 1).to(device)
-        with torch.no_grad():
+        image_mask = prefix == model.config.image_token_id
+        check_vision_request(self.vision, vision_layers, self.info.architecture)
+        capture = LayerCapture(self.blocks, image_layers, IMAGE_POSITIONS) if image_layers else None
+        if capture is not None:
+            capture.set_batch(torch.full((n,), shared - 1, dtype=torch.long, device=device), image_mask)
+        vision = self.vision.capture(vision_layers, n, {}, None) if vision_layers else None
+        with torch.no_grad(), capture.attached() if capture else nullcontext(), vision.attached() if vision else nullcontext():
             embeds = model.inputs_embeds(prefix, model.pixel_values(images))
             out = model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1)
         suffixes = [x[shared:].unsqueeze(0).repeat(n, 1) for x in ids]
-        image_tokens = (prefix == model.config.image_token_id).sum(dim=1).cpu()
-        return EmbeddedPrefixRun(model.lm, out.past_key_values, shared, suffixes, self._answer_ids, image_tokens)
+        image_tokens = image_mask.sum(dim=1).cpu()
+        image = None
+        if capture is not None or vision is not None:
+            image = BatchVectors(
+                vectors=capture.vectors() if capture is not None else {},
+                answer_probs=np.zeros((n, 0), dtype=np.float32),
+                n_image_tokens=image_tokens.numpy().astype(np.int32),
+                vision=vision.vectors() if vision else None,
+            )
+        return EmbeddedPrefixRun(model.lm, out.past_key_values, shared, suffixes, self._answer_ids, image_tokens, image)
 
 
 @dataclass
@@ -305,6 +324,7 @@ class EmbeddedPrefixRun:
     suffix_ids: list[torch.Tensor]
     answer_ids: list[list[int]]  # per ANSWER_WORDS entry, its spellings' token ids
     image_tokens: torch.Tensor  # (batch,) image tokens in each row's prefix
+    image: BatchVectors | None = None  # the image positions and vision layers, where asked for
 
     @torch.no_grad()
     def continue_with(self, suffix_ids: torch.Tensor, repeat: int) -> Continuation:

@@ -28,6 +28,7 @@ from stagelens.adapters.readout import READOUT_RULE, AnswerReadout, causal_lm_pa
 from stagelens.adapters.residual_patch import Continuation
 from stagelens.adapters.qwen_processor import load_processor, torchvision_available
 from stagelens.adapters.vision import check_vision_request, load_vision_tower
+from stagelens.positions import IMAGE_POSITIONS
 from stagelens.prompt_layout import PromptLayout, expanded_layout
 from stagelens.prompts import answer_token_paths, build_inputs, render_prompt
 from stagelens.spec import ModelSpec, resolve_device, torch_dtype
@@ -174,11 +175,14 @@ class HFAdapter(PreparingAdapter):
         )
 
     def prefix_pass(self, images: Sequence[Image.Image], questions: Sequence[str],
-                    keep: Sequence[int] | None = None) -> "HFPrefixRun":
+                    keep: Sequence[int] | None = None, image_layers: Sequence[int] = (),
+                    vision_layers: Sequence[int] = ()) -> "HFPrefixRun":
         """Run the columns every question's (left-padded) prompt shares, the image among them, once
         with a KV cache. Left padding pads a row by the same amount under every question (the
         image tokens differ per row, the text per question), so the prompts' columns line up.
-        keep[q]: the columns at the end of question q's prompt that must run after the prefix (default 1)."""
+        keep[q]: the columns at the end of question q's prompt that must run after the prefix (default 1).
+        image_layers / vision_layers: also keep the image positions and the vision layers of this
+        forward, as the image pass does (`HFPrefixRun.image`)."""
         from stagelens.patching import shared_prefix_length
 
         inputs = [self.prepare(images, q).inputs.to(self._device).to(self._dtype) for q in questions]
@@ -200,19 +204,36 @@ class HFAdapter(PreparingAdapter):
         def keep_positions(_module, _args, module_kwargs):
             seen["positions"] = module_kwargs.get("position_ids")
 
+        if image_layers and not self.image_positions:
+            raise ValueError(f"the image positions of {self.info.architecture} cannot be read: its image enters the "
+                             "language model through cross-attention")
+        image_mask = prefix["input_ids"] == self.image_token_id if self.image_positions else None
+        check_vision_request(self.vision, vision_layers, self.info.architecture)
+        capture = LayerCapture(self.blocks, image_layers, IMAGE_POSITIONS) if image_layers else None
+        if capture is not None:
+            capture.set_batch(last_token_index(prefix["attention_mask"]), image_mask)
+        vision = self.vision.capture(vision_layers, len(images), prefix, self.model.config) if vision_layers else None
         handle = self.decoder.register_forward_pre_hook(keep_positions, with_kwargs=True)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), capture.attached() if capture else nullcontext(), \
+                    vision.attached() if vision else nullcontext():
                 out = self.model(**kwargs, use_cache=True, logits_to_keep=1)
         finally:
             handle.remove()
         positions = seen.get("positions")
         if positions is None:
             positions = (prefix["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        image_tokens = (prefix["input_ids"] == self.image_token_id).sum(dim=1).cpu() if self.image_positions \
-            else torch.zeros(len(images), dtype=torch.long)
+        image_tokens = image_mask.sum(dim=1).cpu() if image_mask is not None else torch.zeros(len(images), dtype=torch.long)
+        image = None
+        if capture is not None or vision is not None:
+            image = BatchVectors(
+                vectors=capture.vectors() if capture is not None else {},
+                answer_probs=np.zeros((len(images), 0), dtype=np.float32),
+                n_image_tokens=image_tokens.numpy().astype(np.int32),
+                vision=vision.vectors() if vision else None,
+            )
         return HFPrefixRun(self, out.past_key_values, prefix["attention_mask"], positions[..., -1:],
-                           "mm_token_type_ids" in prefix, shared, [t[:, shared:] for t in ids], image_tokens)
+                           "mm_token_type_ids" in prefix, shared, [t[:, shared:] for t in ids], image_tokens, image)
 
     def prepare(self, images: Sequence[Image.Image], question: str, image_only: bool = False,
                 before_image: str = "") -> Prepared:
@@ -239,7 +260,7 @@ class HFAdapter(PreparingAdapter):
         also keeps the vision encoder's `vision_layers`."""
         image_only = prepared.question_last_from_end is None
         check_positions(positions, image_only)
-        check_vision_request(self.vision, vision_layers, image_only, self.info.architecture)
+        check_vision_request(self.vision, vision_layers, self.info.architecture)
         inputs = prepared.inputs.to(self._device).to(self._dtype)
         mask = inputs["attention_mask"]
         last = last_token_index(mask)
@@ -260,8 +281,8 @@ class HFAdapter(PreparingAdapter):
         capture = LayerCapture(self.blocks, layers, kept)
         capture.set_batch(last, image_mask, None if image_only else last - prepared.question_last_from_end)
         kwargs = self.model_kwargs(inputs)
+        vision = self.vision.capture(vision_layers, mask.shape[0], inputs, self.model.config) if vision_layers else None
         if image_only:
-            vision = self.vision.capture(vision_layers, mask.shape[0], inputs, self.model.config) if vision_layers else None
             with torch.inference_mode(), capture.attached(), vision.attached() if vision else nullcontext():
                 self.model(**kwargs, logits_to_keep=1, use_cache=False)
             return BatchVectors(
@@ -276,7 +297,7 @@ class HFAdapter(PreparingAdapter):
             seen["positions"] = module_kwargs.get("position_ids")
 
         with torch.inference_mode():
-            with capture.attached():
+            with capture.attached(), vision.attached() if vision else nullcontext():
                 handle = self.decoder.register_forward_pre_hook(keep_positions, with_kwargs=True) if self._prefixes else None
                 try:
                     out = self.model(**kwargs, logits_to_keep=1, use_cache=bool(self._prefixes))
@@ -290,6 +311,7 @@ class HFAdapter(PreparingAdapter):
             answer_probs=answer.cpu().numpy().astype(np.float32),
             n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
             readout=readout.cpu().numpy(),
+            vision=vision.vectors() if vision else None,
         )
 
 
@@ -309,6 +331,7 @@ class HFPrefixRun:
     prefix_length: int
     suffix_ids: list[torch.Tensor]
     image_tokens: torch.Tensor  # (batch,) image tokens in each row's prefix
+    image: BatchVectors | None = None  # the image positions and vision layers, where asked for
 
     @torch.no_grad()
     def continue_with(self, suffix_ids: torch.Tensor, repeat: int) -> Continuation:

@@ -197,14 +197,11 @@ def projector_input(facts: VisionTowerFacts, config, n_blocks: int) -> dict[str,
             "drops_cls": bool(facts.cls_token and strategy == "default"), "projector": facts.projector}
 
 
-def check_vision_request(
-    vision: VisionTower | None, vision_layers: Sequence[int], image_only: bool, architecture: str
-) -> None:
-    """Clear error for vision layers asked of a prompt pass or of a model whose tower is not read here."""
+def check_vision_request(vision: VisionTower | None, vision_layers: Sequence[int], architecture: str) -> None:
+    """Clear error for vision layers asked of a model whose tower is not read here. Any pass that
+    runs the image may read them: the vision tower does not see the prompt."""
     if not vision_layers:
         return
-    if not image_only:
-        raise ValueError("vision layers are read by the image pass only (the vision tower does not see the prompt)")
     if vision is None:
         raise ValueError(f"the vision layers of {architecture} cannot be read: its family has no entry in "
                          "stagelens.adapters.architectures.VISION_TOWERS; set vision_num_layers: null")
