@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One prepared check for a CUDA machine (about 5-8 minutes on one H100/H200); prints, never asserts:
+# One prepared check for a CUDA machine (about 2-3 minutes on one H200); prints, never asserts:
 #   1. the probe benchmark at the paper's size with the torch solver on the GPU (goal <= 30 s per
 #      job), scikit-learn sampled on the CPU beside it (benchmarks/bench_probe.py);
 #   2. the tiny models of the three architectures with device cuda + bfloat16 against the CPU in
 #      float32: relative error of the kept hidden states and agreement of the answer;
 #   3. extraction throughput on the GPU (bfloat16) of a widened tiny LLaVA through the extract
 #      rule's code path: images/s and the share of the GPU's bf16 FLOP limit it reaches
-#      (PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16).
+#      (PEAK_TFLOPS, default 989: H100/H200 SXM dense bf16);
+#   4. share_prefix's code paths on CUDA in bfloat16 against the CPU in float32, on the tiny models:
+#      one job over three prompts (shared prefix, KV-cache continuations) writing the image pass's
+#      files too, and last-token activation patching over every layer.
 # Run from the repository root after `make setup` with a CUDA torch:  bash benchmarks/gpu_check.sh
 # or with another Python that has a CUDA torch and the pins of envs/requirements.txt it uses:
 #   PYTHONPATH=src PY=python3 bash benchmarks/gpu_check.sh
-# Last run: benchmarks/results/gpu_check-h200-2026-12-04.log (91 s on one H200).
+# Runs: benchmarks/results/gpu_check-h200-2026-12-04.log (parts 1-3, 91 s on one H200) and
+# gpu_check-h200-2026-12-04-second.log (parts 1-4, 123 s).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
@@ -96,4 +100,62 @@ with tempfile.TemporaryDirectory() as tmp:
     flops = 2 * params * tokens * rate
     print(f"{params / 1e9:.2f} B parameters, {tokens} tokens per image: {rate:.1f} images/s, "
           f"{flops / 1e12:.1f} TFLOP/s = {flops / peak:.1%} of {peak / 1e12:.0f} TFLOP/s")
+EOF
+
+echo "== 4. share_prefix (shared prefix + folded image pass) and last-token patching: cuda bf16 vs cpu fp32"
+timeout 150 "$PY" - <<'EOF'
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stagelens.adapters import load_adapter
+from stagelens.builders.tiny import build
+from stagelens.extract import Sample, extract_prompts
+from stagelens.patching import patch_batch
+from stagelens.spec import ModelSpec
+from stagelens.store import read_metadata, read_vectors
+
+text = "Does this image show an animal? The answer must be always yes or no."
+prompts = [{"id": "anchor", "family": "anchor", "expected": "yes", "text": text},
+           {"id": "neg", "family": "negation", "expected": "no", "text": text.replace("an animal", "a plane")},
+           {"id": "fmt", "family": "format", "expected": "1", "text": text.replace("yes or no", "1 or 0")}]
+rng = np.random.default_rng(0)
+with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    samples = []
+    for i, (w, h) in enumerate(((48, 48), (96, 32), (40, 80), (64, 64), (32, 96))):
+        path = tmp / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(path)
+        samples.append(Sample(f"c{i % 2}/img{i}", i % 2, str(path)))
+    for recipe in ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"):
+        model = build(recipe, tmp / recipe, seed=0)
+        files, patched = {}, {}
+        for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16")):
+            tower = load_adapter(ModelSpec(recipe, str(model), dtype=dtype, device=device)).vision
+            spec = ModelSpec(recipe, str(model), dtype=dtype, device=device, batch_size=2,
+                             positions=("last", "question_last", "image_mean"),
+                             vision_num_layers=tower.num_layers if tower is not None else None)
+            adapter = load_adapter(spec)
+            layers, out = spec.layers_of(adapter.info.num_layers), tmp / recipe / device
+            emb = [out / p["id"] / f"layer{l}.parquet" for p in prompts for l in layers]
+            image = [out / "image" / f"layer{l}.parquet" for l in layers]
+            vision = [out / "vision" / f"layer{v}.parquet" for v in spec.vision_layers_of()]
+            extract_prompts(adapter, spec, samples, prompts, emb, [out / p["id"] / "answers.parquet" for p in prompts],
+                            [out / p["id"] / "readout.parquet" for p in prompts], split="test", progress=False,
+                            image_paths=image, vision_paths=vision)
+            files[device] = emb + image + vision
+            images = [Image.open(s.path).convert("RGB") for s in samples]
+            patched[device] = patch_batch(adapter, images, text, prompts[1]["text"], layers, "last", ("yes", "no"))
+        worst = 0.0
+        for cpu, gpu in zip(files["cpu"], files["cuda"]):
+            for position in read_metadata(cpu)["positions"]:
+                expected, got = read_vectors(cpu, position)[2], read_vectors(gpu, position)[2]
+                worst = max(worst, float(np.linalg.norm(got - expected) / np.linalg.norm(expected)))
+        spread = float(np.ptp(patched["cpu"]["anchor_to_variant"]))
+        gap = max(float(np.abs(patched["cuda"][k] - patched["cpu"][k]).max()) for k in patched["cpu"])
+        print(f"{recipe:<16} shared-prefix job ({len(files['cpu'])} files: 3 prompts, image pass, vision layers): "
+              f"max relative error {worst:.4f}; last-token patching: max |score diff| {gap:.3f} "
+              f"(scores span {spread:.3f})")
 EOF
