@@ -563,10 +563,11 @@ def extract_prompts(
     shared = [job for job in jobs if not has_text_before_image(job[0])]
     if image_paths and not shared:
         raise ValueError("every prompt puts text before the image: none runs the image pass's tokens")
-    lone = len(shared) == 1  # the image pass's files, if asked for, come from its pass
+    lone = len(shared) == 1
+    # A lone prompt without text before the image runs its own pass here: the image files come from it.
+    folded = {"image_paths": image_paths, "vision_paths": vision_paths} if lone else {}
     summaries = [extract(adapter, spec, samples, prompt, emb, ans, split=split, readout_path=readout, progress=progress,
-                         **({"image_paths": image_paths, "vision_paths": vision_paths} if lone and not
-                            has_text_before_image(prompt) else {}))
+                         **({} if has_text_before_image(prompt) else folded))
                  for prompt, emb, ans, readout in jobs if has_text_before_image(prompt) or lone]
     if len(shared) < 2:
         return {"rows": len(samples), "seconds": sum(s["seconds"] for s in summaries), "layers": summaries[0]["layers"],

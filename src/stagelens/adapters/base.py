@@ -55,6 +55,15 @@ class BatchVectors:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+def image_pass_vectors(vectors: dict[str, np.ndarray], image_mask: Any, vision: Any = None) -> BatchVectors:
+    """What the image pass keeps, whichever forward read it (the image pass, or a prompt's prefix):
+    the image positions, the vision layers (`vision`: a `VisionCapture`, or None), no answers.
+    image_mask: (batch, tokens) torch bool tensor of the image tokens."""
+    n_image_tokens = image_mask.sum(dim=1).cpu().numpy().astype(np.int32)
+    return BatchVectors(vectors=vectors, answer_probs=np.zeros((len(n_image_tokens), 0), dtype=np.float32),
+                        n_image_tokens=n_image_tokens, vision=vision.vectors() if vision else None)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What is recorded about a model in every output's metadata."""
@@ -116,7 +125,7 @@ class PreparingAdapter:
     def forward_prepared(
         self, prepared: Any, layers: Sequence[int], positions: Sequence[str], vision_layers: Sequence[int] = ()
     ) -> BatchVectors:
-        """vision_layers: the vision encoder's layers to keep (image pass only)."""
+        """vision_layers: the vision encoder's layers to keep (any pass: the tower does not see the prompt)."""
         raise NotImplementedError
 
     def forward(

@@ -28,7 +28,14 @@ from torch import nn
 
 from stagelens.adapters import EMBEDDED_MODEL_TYPE as MODEL_TYPE
 from stagelens.adapters.architectures import vision_facts_for
-from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter, check_positions
+from stagelens.adapters.base import (
+    ANSWER_WORDS,
+    BatchVectors,
+    ModelInfo,
+    PreparingAdapter,
+    check_positions,
+    image_pass_vectors,
+)
 from stagelens.adapters.efficientnet_vision import (
     FEATURE_DIM,
     GRID,
@@ -235,8 +242,8 @@ class EmbeddedAdapter(PreparingAdapter):
     def forward_prepared(
         self, prepared: PreparedBatch, layers: Sequence[int], positions: Sequence[str], vision_layers: Sequence[int] = ()
     ) -> BatchVectors:
-        """`forward` on the output of `prepare`; no answer probabilities for the image pass, which
-        also keeps the EfficientNet stages `vision_layers`."""
+        """`forward` on the output of `prepare`, keeping the EfficientNet stages `vision_layers` too;
+        no answer probabilities for the image pass."""
         image_only = prepared.question_last_from_end is None
         check_positions(positions, image_only)
         check_vision_request(self.vision, vision_layers, self.info.architecture)
@@ -255,12 +262,7 @@ class EmbeddedAdapter(PreparingAdapter):
             inputs_embeds = model.inputs_embeds(input_ids, prepared.pixel_values)
             out = model.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         if image_only:
-            return BatchVectors(
-                vectors=capture.vectors(),
-                answer_probs=np.zeros((input_ids.shape[0], 0), dtype=np.float32),
-                n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
-                vision=vision.vectors() if vision else None,
-            )
+            return image_pass_vectors(capture.vectors(), image_mask, vision)
         probs = out.logits[:, -1, :].float().softmax(dim=-1).cpu()
         # Same scoring as the HF adapters: a word's probability is the max over its spellings.
         answer_probs = torch.stack([probs[:, ids].max(dim=1).values for ids in self._answer_ids], dim=1)
@@ -305,12 +307,7 @@ class EmbeddedAdapter(PreparingAdapter):
         image_tokens = image_mask.sum(dim=1).cpu()
         image = None
         if capture is not None or vision is not None:
-            image = BatchVectors(
-                vectors=capture.vectors() if capture is not None else {},
-                answer_probs=np.zeros((n, 0), dtype=np.float32),
-                n_image_tokens=image_tokens.numpy().astype(np.int32),
-                vision=vision.vectors() if vision else None,
-            )
+            image = image_pass_vectors(capture.vectors() if capture is not None else {}, image_mask, vision)
         return EmbeddedPrefixRun(model.lm, out.past_key_values, shared, suffixes, self._answer_ids, image_tokens, image)
 
 

@@ -22,7 +22,14 @@ from PIL import Image
 from torch import nn
 
 from stagelens.adapters.architectures import ArchitectureFacts, module_at, vision_facts_for
-from stagelens.adapters.base import ANSWER_WORDS, BatchVectors, ModelInfo, PreparingAdapter, check_positions
+from stagelens.adapters.base import (
+    ANSWER_WORDS,
+    BatchVectors,
+    ModelInfo,
+    PreparingAdapter,
+    check_positions,
+    image_pass_vectors,
+)
 from stagelens.adapters.layers import LayerCapture, find_decoder_layers, last_token_index, text_num_layers
 from stagelens.adapters.readout import READOUT_RULE, AnswerReadout, causal_lm_parts, logit_softcap
 from stagelens.adapters.residual_patch import Continuation
@@ -223,15 +230,12 @@ class HFAdapter(PreparingAdapter):
         positions = seen.get("positions")
         if positions is None:
             positions = (prefix["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        image_tokens = image_mask.sum(dim=1).cpu() if image_mask is not None else torch.zeros(len(images), dtype=torch.long)
+        if image_mask is None:  # cross-attention: no image token in the sequence
+            image_mask = torch.zeros_like(prefix["input_ids"], dtype=torch.bool)
+        image_tokens = image_mask.sum(dim=1).cpu()
         image = None
         if capture is not None or vision is not None:
-            image = BatchVectors(
-                vectors=capture.vectors() if capture is not None else {},
-                answer_probs=np.zeros((len(images), 0), dtype=np.float32),
-                n_image_tokens=image_tokens.numpy().astype(np.int32),
-                vision=vision.vectors() if vision else None,
-            )
+            image = image_pass_vectors(capture.vectors() if capture is not None else {}, image_mask, vision)
         return HFPrefixRun(self, out.past_key_values, prefix["attention_mask"], positions[..., -1:],
                            "mm_token_type_ids" in prefix, shared, [t[:, shared:] for t in ids], image_tokens, image)
 
@@ -256,8 +260,8 @@ class HFAdapter(PreparingAdapter):
     def forward_prepared(
         self, prepared: Prepared, layers: Sequence[int], positions: Sequence[str], vision_layers: Sequence[int] = ()
     ) -> BatchVectors:
-        """`forward` on the output of `prepare`; no answer probabilities for the image pass, which
-        also keeps the vision encoder's `vision_layers`."""
+        """`forward` on the output of `prepare`, keeping the vision encoder's `vision_layers` too;
+        no answer probabilities for the image pass."""
         image_only = prepared.question_last_from_end is None
         check_positions(positions, image_only)
         check_vision_request(self.vision, vision_layers, self.info.architecture)
@@ -285,12 +289,7 @@ class HFAdapter(PreparingAdapter):
         if image_only:
             with torch.inference_mode(), capture.attached(), vision.attached() if vision else nullcontext():
                 self.model(**kwargs, logits_to_keep=1, use_cache=False)
-            return BatchVectors(
-                vectors=capture.vectors(),
-                answer_probs=np.zeros((mask.shape[0], 0), dtype=np.float32),
-                n_image_tokens=image_mask.sum(dim=1).cpu().numpy().astype(np.int32),
-                vision=vision.vectors() if vision else None,
-            )
+            return image_pass_vectors(capture.vectors(), image_mask, vision)
         seen: dict[str, torch.Tensor | None] = {}
 
         def keep_positions(_module, _args, module_kwargs):
