@@ -18,7 +18,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stagelens.logistic import Problem, fit_path, standardisation
+from stagelens.logistic import HISTORY, Problem, _History, fit_path, standardisation
 from stagelens.probe_training import ProbeSettings, fit_probe_and_control, stratified_folds
 
 CPU = torch.device("cpu")
@@ -177,6 +177,43 @@ def test_unconverged_fits_are_flagged_per_fold_and_C():
         assert all(done or n == 3 for n, done in zip(fits["n_iter"], fits["converged"]))
     _, report, _, _ = fit_probe_and_control(x, y, settings("torch"), seed=0)
     assert report.converged and all(all(f["converged"]) for f in report.cv_fits.values())
+
+
+def two_loop(pairs: list, g: np.ndarray, h0: np.ndarray) -> np.ndarray:
+    """H g of L-BFGS by the textbook two-loop recursion (Nocedal and Wright, alg. 7.4), float64."""
+    q, alphas = g.copy(), []
+    for s, y in reversed(pairs):
+        alphas.append((s, y, (s @ q) / (s @ y)))
+        q -= alphas[-1][2] * y
+    q *= h0
+    for s, y, alpha in reversed(alphas):
+        q += s * (alpha - (y @ q) / (s @ y))
+    return q
+
+
+def test_compact_inverse_hessian_product_is_the_two_loop_recursion():
+    # More pairs than slots (the ring wraps), pairs skipped per problem, a different scale each.
+    rng = np.random.default_rng(3)
+    problems, shape = 3, (4, 7)
+    history = _History(problems, torch.Size(shape), torch.device("cpu"))
+    P = torch.from_numpy(rng.uniform(0.5, 1.5, (problems, 1, shape[1])).astype(np.float32))
+    kept = [[] for _ in range(problems)]
+    for it in range(HISTORY + 5):
+        s = torch.from_numpy(rng.standard_normal((problems, *shape)).astype(np.float32))
+        y = s + 0.3 * torch.from_numpy(rng.standard_normal((problems, *shape)).astype(np.float32))
+        good = torch.tensor([True, it % 3 != 1, it < HISTORY + 2])
+        sy, yPy = (s * y).sum((1, 2), dtype=torch.float64), (y * y * P).sum((1, 2), dtype=torch.float64)
+        history.push(it, s, y, good, P, sy, yPy)
+        for p in range(problems):
+            kept[p].append((s[p].double().numpy().ravel(), y[p].double().numpy().ravel()) if good[p] else None)
+    g = torch.from_numpy(rng.standard_normal((problems, *shape)).astype(np.float32))
+    gamma = torch.tensor([0.7, 1.3, 2.0], dtype=torch.float64)
+    direction = history.direction(g, P, gamma).double().numpy()
+    for p in range(problems):
+        recent = [pair for pair in kept[p][-HISTORY:] if pair is not None]
+        h0 = gamma[p].item() * np.broadcast_to(P[p].double().numpy(), shape).ravel()
+        expected = -two_loop(recent, g[p].double().numpy().ravel(), h0)
+        np.testing.assert_allclose(direction[p].ravel(), expected, atol=1e-5 * np.abs(expected).max())
 
 
 def test_device_must_exist():

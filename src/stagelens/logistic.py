@@ -10,7 +10,7 @@ so `tol` means what it means for scikit-learn's lbfgs: stop when the largest gra
 f is at most tol. Two classes follow scikit-learn's binary model (one logistic row, the other
 fixed at zero), not a two-row softmax, whose penalty would halve the effective C.
 All problems advance together: one batched matmul per evaluation, each problem with its own
-L-BFGS memory and line search, in the principal basis of the features with a diagonal
+L-BFGS memory (in compact form, `_History`) and line search, in the principal basis of the features with a diagonal
 preconditioner (see `principal_basis`), and the C path is walked upwards with warm starts.
 """
 
@@ -93,15 +93,17 @@ def principal_basis(x: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class _Batch:
-    """The problems' standardised features in the principal basis (with a ones column for the
-    bias), padded to one tensor, and each problem's variance along every basis direction."""
+    """The problems' standardised features in the principal basis (with a ones row for the
+    bias), transposed and padded to one (S, D+1, n) tensor, and each problem's variance along
+    every basis direction. Transposed, the logits come out as (S, K, n): at K of 10 their matmul
+    and softmax are 2x and 10x faster than as (S, n, K) on the CPU, and at the paper's size ~10%."""
 
     def __init__(self, x: np.ndarray, problems: Sequence[Problem], n_classes: int, basis: torch.Tensor):
         device = basis.device
         n_max = max(len(p.rows) for p in problems)
         S, D = len(problems), x.shape[1]
         self.n_classes, self.dim = n_classes, D
-        self.X = torch.zeros(S, n_max, D + 1, dtype=torch.float32, device=device)
+        self.Xt = torch.zeros(S, D + 1, n_max, dtype=torch.float32, device=device)
         self.Y = torch.zeros(S, n_max, dtype=torch.int64, device=device)
         self.w = torch.zeros(S, n_max, dtype=torch.float32, device=device)  # 1/n on real rows, 0 on padding
         self.n = torch.tensor([len(p.rows) for p in problems], dtype=torch.float64, device=device)
@@ -114,8 +116,8 @@ class _Batch:
             scales.append(scale)
             k = len(p.rows)
             rotated = ((xs.to(torch.float64) - mean) / scale).to(torch.float32) @ basis
-            self.X[s, :k, :D] = rotated
-            self.X[s, :k, D] = 1.0
+            self.Xt[s, :D, :k] = rotated.T
+            self.Xt[s, D, :k] = 1.0
             self.variance[s, 0, :D] = rotated.to(torch.float64).square().mean(0)
             self.Y[s, :k] = torch.from_numpy(p.labels.astype(np.int64)).to(device)
             self.w[s, :k] = 1.0 / k
@@ -136,16 +138,16 @@ class _Batch:
 
     def loss_grad(self, W: torch.Tensor, idx: torch.Tensor | None, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f (float64) and its gradient (float32) for the problems `idx` (None: all) at W (len(idx), K, D+1)."""
-        X, Y, w = (self.X, self.Y, self.w) if idx is None else (self.X[idx], self.Y[idx], self.w[idx])
-        Z = torch.bmm(X, W.transpose(1, 2))  # (A, n, K)
-        lse = torch.logsumexp(Z, dim=2)
-        zy = Z.gather(2, Y.unsqueeze(2)).squeeze(2)
+        Xt, Y, w = (self.Xt, self.Y, self.w) if idx is None else (self.Xt[idx], self.Y[idx], self.w[idx])
+        Z = torch.bmm(W, Xt)  # (A, K, n)
+        lse = torch.logsumexp(Z, dim=1)
+        zy = Z.gather(1, Y.unsqueeze(1)).squeeze(1)
         data = ((lse - zy).to(torch.float64) * w.to(torch.float64)).sum(1)
         pen = (W.square() * self.penalised).sum((1, 2), dtype=torch.float64)
-        G = torch.softmax(Z, dim=2)
-        G.scatter_add_(2, Y.unsqueeze(2), -torch.ones_like(zy).unsqueeze(2))
-        G.mul_(w.unsqueeze(2))
-        grad = torch.bmm(G.transpose(1, 2), X)
+        G = torch.softmax(Z, dim=1)
+        G.scatter_add_(1, Y.unsqueeze(1), -torch.ones_like(zy).unsqueeze(1))
+        G.mul_(w.unsqueeze(1))
+        grad = torch.bmm(G, Xt.transpose(1, 2))
         grad.add_(W * self.penalised * lam.to(torch.float32).view(-1, 1, 1))
         grad.mul_(self.free)
         return data + 0.5 * lam * pen, grad
@@ -165,107 +167,181 @@ class _Subset:
         self.batch, self.key, self.view = batch, None, None
 
     def loss_grad(self, W: torch.Tensor, idx: torch.Tensor, lam: torch.Tensor):
-        if len(idx) == self.batch.X.shape[0]:
+        if len(idx) == self.batch.Xt.shape[0]:
             return self.batch.loss_grad(W, None, lam)
         key = tuple(idx.tolist())
         if key != self.key:
             b = self.batch
             self.view = _Batch.__new__(_Batch)
             self.view.__dict__.update(b.__dict__)
-            self.view.X, self.view.Y, self.view.w = b.X[idx], b.Y[idx], b.w[idx]
+            self.view.Xt, self.view.Y, self.view.w = b.Xt[idx], b.Y[idx], b.w[idx]
             self.key = key
         return self.view.loss_grad(W, None, lam)
+
+
+def _matvec(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(A, m) products of each problem's (m, N) matrix with its vector: one gemv per problem, which
+    is 5-8x faster on the CPU than a batched matmul of that shape and needs no broadcast temporary."""
+    return torch.stack([torch.mv(M[i], v[i].reshape(-1)) for i in range(M.shape[0])])
+
+
+class _History:
+    """The last HISTORY curvature pairs (s, y) of every live problem, in the compact form of Byrd,
+    Nocedal and Schnabel (1994): with the pairs' inner products s_i.y_j and y_i.P y_j kept up to
+    date, one inverse-Hessian product is a dozen batched operations instead of the two-loop
+    recursion's ~8 x HISTORY small ones, which dominated the time of small probe jobs.
+
+    A slot holds zeros where a problem skipped its pair (rounding ate the step) or has not filled
+    it yet; the unit diagonal such a slot gets in R makes it drop out of the product exactly.
+    Slots are a ring: `stamp` (the iteration that wrote each slot) orders them in time.
+    """
+
+    def __init__(self, live: int, shape: torch.Size, device: torch.device):
+        self.s = torch.zeros((live, HISTORY, *shape), dtype=torch.float32, device=device)
+        self.y = torch.zeros_like(self.s)
+        self.sy = torch.zeros(live, HISTORY, HISTORY, dtype=torch.float64, device=device)  # s_i . y_j
+        self.ypy = torch.zeros_like(self.sy)  # y_i . P y_j
+        self.filled = torch.zeros(live, HISTORY, dtype=torch.bool, device=device)
+        self.stamp = torch.full((HISTORY,), -1, dtype=torch.int64, device=device)
+        self.empty = True
+
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], HISTORY, -1)
+
+    def direction(self, g: torch.Tensor, P: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """-H g for the L-BFGS inverse Hessian H with initial matrix gamma P (per problem)."""
+        A = g.shape[0]
+        gamma32 = gamma.to(g.dtype).view(A, 1, 1)
+        Pg = P * g
+        if self.empty:
+            return -(gamma32 * Pg)
+        S, Y = self._flat(self.s), self._flat(self.y)
+        a = _matvec(S, g).to(torch.float64).unsqueeze(2)  # S^T g
+        b = _matvec(Y, Pg).to(torch.float64).unsqueeze(2) * gamma.view(A, 1, 1)  # Y^T H0 g
+        older = self.stamp.view(-1, 1) <= self.stamp.view(1, -1)  # slot i written no later than j
+        R = torch.where(older, self.sy, 0.0) + torch.diag_embed((~self.filled).to(torch.float64))
+        u = torch.linalg.solve(R, a)  # R^-1 S^T g
+        middle = torch.diag_embed(torch.diagonal(self.sy, dim1=1, dim2=2)) + gamma.view(A, 1, 1) * self.ypy
+        p = torch.linalg.solve(R.mT, middle @ u - b)
+        Yu = torch.bmm(u.mT.to(g.dtype), Y).view_as(g)
+        Sp = torch.bmm(p.mT.to(g.dtype), S).view_as(g)
+        return -(gamma32 * P * (g - Yu) + Sp)
+
+    def push(self, it: int, s: torch.Tensor, y: torch.Tensor, good: torch.Tensor, P: torch.Tensor,
+             sy: torch.Tensor, yPy: torch.Tensor) -> None:
+        """Store iteration `it`'s pairs (zeros where not `good`) and their products with the others."""
+        A, slot = s.shape[0], it % HISTORY
+        keep = good.to(s.dtype).view(A, 1, 1)
+        s, y = s * keep, y * keep
+        self.s[:, slot], self.y[:, slot] = s, y
+        self.filled[:, slot] = good
+        self.stamp[slot] = it
+        self.empty = False
+        S, Y = self._flat(self.s), self._flat(self.y)
+        self.sy[:, slot, :] = _matvec(Y, s).to(torch.float64)
+        self.sy[:, :, slot] = _matvec(S, y).to(torch.float64)
+        ypy = _matvec(Y, P * y).to(torch.float64)
+        self.ypy[:, slot, :], self.ypy[:, :, slot] = ypy, ypy
+        # The diagonal decides the curvature scaling: the float64-accumulated values.
+        self.sy[:, slot, slot] = torch.where(good, sy, 0.0)
+        self.ypy[:, slot, slot] = torch.where(good, yPy, 0.0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the problems that finished (rows: the ones that go on)."""
+        self.s, self.y, self.sy, self.ypy, self.filled = (
+            t[rows] for t in (self.s, self.y, self.sy, self.ypy, self.filled))
 
 
 def _lbfgs(sub: _Subset, W: torch.Tensor, lam: torch.Tensor, tol: float, max_iter: int, basis: torch.Tensor):
     """Minimise every problem from W (in the principal basis); returns (W, f, max|g|, iterations).
 
     max|g| is scikit-learn's criterion, on the gradient in the original basis: it is computed
-    (one rotation) for the problems whose rotated gradient already meets tol.
+    (one rotation) for the problems whose rotated gradient already meets tol. The state of the
+    problems still running is kept compact (finished ones are written out and dropped), so that
+    every iteration works on contiguous tensors.
     """
     S, dev = W.shape[0], W.device
+    W = W.clone()
     f, g = sub.loss_grad(W, torch.arange(S, device=dev), lam)
-    P = sub.batch.preconditioner(lam)
-    done = torch.zeros(S, dtype=torch.bool, device=dev)
-
-    def criterion(grad: torch.Tensor, where) -> torch.Tensor:
-        rotated_max = grad.abs().amax((1, 2)).to(torch.float64)
-        near = rotated_max <= tol
-        if bool(near.any()):
-            weights = grad[near][:, :, :-1] @ basis.T
-            true = torch.maximum(weights.abs().amax((1, 2)), grad[near][:, :, -1].abs().amax(1))
-            rotated_max[near] = true.to(torch.float64)
-        done[where] = rotated_max <= tol
-        return rotated_max
-
-    gmax = criterion(g, slice(None))
+    gmax = _criterion(g, tol, basis)
     n_iter = torch.zeros(S, dtype=torch.int64, device=dev)
-    s_hist = torch.zeros((HISTORY, *W.shape), dtype=W.dtype, device=dev)
-    y_hist = torch.zeros_like(s_hist)
-    rho = torch.zeros(HISTORY, S, dtype=torch.float64, device=dev)  # 0: slot unused for that problem
-    gamma = torch.ones(S, dtype=torch.float64, device=dev)
-    stalled = torch.zeros(S, dtype=torch.bool, device=dev)
-    best = gmax.clone()
-    since_best = torch.zeros(S, dtype=torch.int64, device=dev)
+    live = (gmax > tol).nonzero().squeeze(1)
+    W_l, f_l, g_l, lam_l = W[live], f[live], g[live], lam[live]
+    P = sub.batch.preconditioner(lam)[live]
+    history = _History(len(live), W.shape[1:], dev)
+    gamma = torch.ones(len(live), dtype=torch.float64, device=dev)
+    best = gmax[live]
+    since_best = torch.zeros(len(live), dtype=torch.int64, device=dev)
     for it in range(max_iter):
-        active = ~done & ~stalled
-        if not bool(active.any()):
+        if len(live) == 0:
             break
-        idx = active.nonzero().squeeze(1)
-        sel = slice(None) if len(idx) == S else idx  # all active: views, no gathers
-        g_a, W_a, f_a = g[sel], W[sel], f[sel]
-        # Two-loop recursion over the filled slots, newest first; rho 0 (skipped pair) does nothing.
-        slots = [(it - 1 - j) % HISTORY for j in range(min(it, HISTORY))]
-        q = g_a.clone()
-        alphas = []
-        for slot in slots:
-            a = rho[slot, sel] * _dot(s_hist[slot, sel], q)
-            q.sub_(y_hist[slot, sel] * a.to(q.dtype).view(-1, 1, 1))
-            alphas.append(a)
-        q.mul_(P[sel] * gamma[sel].to(q.dtype).view(-1, 1, 1))
-        for slot, a in zip(reversed(slots), reversed(alphas)):
-            b = rho[slot, sel] * _dot(y_hist[slot, sel], q)
-            q.add_(s_hist[slot, sel] * (a - b).to(q.dtype).view(-1, 1, 1))
-        d = q.neg_()
-        slope = _dot(g_a, d)
+        d = history.direction(g_l, P, gamma)
+        slope = _dot(g_l, d)
         # A direction that is not a descent direction (rounding after many updates) falls back to -g.
         bad = slope >= 0
         if bool(bad.any()):
-            d[bad] = -g_a[bad]
-            slope = torch.where(bad, -_dot(g_a, g_a), slope)
-        # The preconditioned step 1 is a rough Newton step; the line search corrects it.
-        step = torch.ones_like(slope)
-        accepted = torch.zeros(len(idx), dtype=torch.bool, device=dev)
-        W_new, f_new, g_new = W_a.clone(), f_a.clone(), g_a.clone()
-        for _ in range(MAX_BACKTRACKS):
-            trial = W_a + d * step.to(W.dtype).view(-1, 1, 1)
-            f_t, g_t = sub.loss_grad(trial, idx, lam[sel])
-            # Armijo on f, or, where float32 logits blur f near the optimum, the accurate
-            # gradient: a step that has not passed the line minimum of a convex f does not raise it.
-            ok = ~accepted & ((f_t <= f_a + ARMIJO * step * slope)
-                              | ((_dot(g_t, d) <= 0) & (f_t <= f_a + F_NOISE * f_a.abs())))
-            W_new[ok], f_new[ok], g_new[ok] = trial[ok], f_t[ok], g_t[ok]
-            accepted |= ok
-            if bool(accepted.all()):
-                break
-            step = torch.where(accepted, step, step * 0.5)
+            d[bad] = -g_l[bad]
+            slope = torch.where(bad, -_dot(g_l, g_l), slope)
+        W_new, f_new, g_new, accepted = _line_search(sub, live, lam_l, W_l, f_l, g_l, d, slope)
         # Curvature pair; a convex objective gives s.y > 0 unless rounding ate the step.
-        s_vec, y_vec = W_new - W_a, g_new - g_a
-        sy, yy = _dot(s_vec, y_vec), _dot(y_vec, y_vec * P[sel])
-        good = accepted & (sy > 1e-12 * _dot(s_vec, s_vec).sqrt() * yy.sqrt())
-        slot = it % HISTORY
-        rho[slot] = 0.0  # problems not advanced this iteration must not see a stale pair here
-        s_hist[slot, sel], y_hist[slot, sel] = s_vec, y_vec
-        rho[slot, sel] = torch.where(good, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
-        gamma[sel] = torch.where(good, sy / yy.clamp_min(1e-300), gamma[sel])
-        W[sel], f[sel], g[sel] = W_new, f_new, g_new
-        n_iter[sel] += 1
-        gmax[sel] = criterion(g_new, sel)
-        improved = gmax[sel] < best[sel] * (1 - 1e-3)
-        best[sel] = torch.minimum(best[sel], gmax[sel])
-        since_best[sel] = torch.where(improved, torch.zeros_like(since_best[sel]), since_best[sel] + 1)
-        stalled[sel] = ~accepted | (since_best[sel] >= PATIENCE)
+        s_vec, y_vec = W_new - W_l, g_new - g_l
+        sy, yPy = _dot(s_vec, y_vec), _dot(y_vec, y_vec * P)
+        good = accepted & (sy > 1e-12 * _dot(s_vec, s_vec).sqrt() * yPy.sqrt())
+        history.push(it, s_vec, y_vec, good, P, sy, yPy)
+        gamma = torch.where(good, sy / yPy.clamp_min(1e-300), gamma)
+        W_l, f_l, g_l = W_new, f_new, g_new
+        g_max = _criterion(g_l, tol, basis)
+        improved = g_max < best * (1 - 1e-3)
+        best = torch.minimum(best, g_max)
+        since_best = torch.where(improved, torch.zeros_like(since_best), since_best + 1)
+        finished = (g_max <= tol) | ~accepted | (since_best >= PATIENCE)
+        if bool(finished.any()) or it == max_iter - 1:
+            if it == max_iter - 1:
+                finished = torch.ones_like(finished)
+            out = live[finished]
+            W[out], f[out], gmax[out], n_iter[out] = W_l[finished], f_l[finished], g_max[finished], it + 1
+            rows = (~finished).nonzero().squeeze(1)
+            live, W_l, f_l, g_l, lam_l, P, gamma, best, since_best = (
+                t[rows] for t in (live, W_l, f_l, g_l, lam_l, P, gamma, best, since_best))
+            history.keep(rows)
     return W, f, gmax, n_iter
+
+
+def _criterion(grad: torch.Tensor, tol: float, basis: torch.Tensor) -> torch.Tensor:
+    """Largest |gradient entry| per problem; in the original basis where the rotated one meets tol."""
+    rotated_max = grad.abs().amax((1, 2)).to(torch.float64)
+    near = rotated_max <= tol
+    if bool(near.any()):
+        weights = grad[near][:, :, :-1] @ basis.T
+        true = torch.maximum(weights.abs().amax((1, 2)), grad[near][:, :, -1].abs().amax(1))
+        rotated_max[near] = true.to(torch.float64)
+    return rotated_max
+
+
+def _line_search(sub: _Subset, live: torch.Tensor, lam: torch.Tensor, W: torch.Tensor, f: torch.Tensor,
+                 g: torch.Tensor, d: torch.Tensor, slope: torch.Tensor):
+    """Backtracking from the preconditioned step 1 (a rough Newton step); returns the new W, f, g
+    and which problems accepted a step (the others keep their W, f and g)."""
+    step = torch.ones_like(slope)
+    accepted = torch.zeros(len(live), dtype=torch.bool, device=W.device)
+    W_new = f_new = g_new = None
+    for _ in range(MAX_BACKTRACKS):
+        trial = W + d * step.to(W.dtype).view(-1, 1, 1)
+        f_t, g_t = sub.loss_grad(trial, live, lam)
+        # Armijo on f, or, where float32 logits blur f near the optimum, the accurate
+        # gradient: a step that has not passed the line minimum of a convex f does not raise it.
+        ok = ~accepted & ((f_t <= f + ARMIJO * step * slope)
+                          | ((_dot(g_t, d) <= 0) & (f_t <= f + F_NOISE * f.abs())))
+        if W_new is None:
+            if bool(ok.all()):
+                return trial, f_t, g_t, ok
+            W_new, f_new, g_new = W.clone(), f.clone(), g.clone()
+        W_new[ok], f_new[ok], g_new[ok] = trial[ok], f_t[ok], g_t[ok]
+        accepted |= ok
+        if bool(accepted.all()):
+            break
+        step = torch.where(accepted, step, step * 0.5)
+    return W_new, f_new, g_new, accepted
 
 
 def fit_path(
