@@ -294,10 +294,8 @@ def _lbfgs(sub: _Subset, W: torch.Tensor, lam: torch.Tensor, tol: float, max_ite
         improved = g_max < best * (1 - 1e-3)
         best = torch.minimum(best, g_max)
         since_best = torch.where(improved, torch.zeros_like(since_best), since_best + 1)
-        finished = (g_max <= tol) | ~accepted | (since_best >= PATIENCE)
-        if bool(finished.any()) or it == max_iter - 1:
-            if it == max_iter - 1:
-                finished = torch.ones_like(finished)
+        finished = (g_max <= tol) | ~accepted | (since_best >= PATIENCE) | (it == max_iter - 1)
+        if bool(finished.any()):
             out = live[finished]
             W[out], f[out], gmax[out], n_iter[out] = W_l[finished], f_l[finished], g_max[finished], it + 1
             rows = (~finished).nonzero().squeeze(1)
