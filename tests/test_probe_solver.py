@@ -18,7 +18,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stagelens.logistic import HISTORY, Problem, _History, fit_path, standardisation
+from stagelens.logistic import HISTORY, Problem, _History, cpu_matmul_precision, fit_path, standardisation
 from stagelens.probe_training import ProbeSettings, fit_probe_and_control, stratified_folds
 
 CPU = torch.device("cpu")
@@ -73,6 +73,29 @@ def assert_same_optimum(x: np.ndarray, y: np.ndarray, Cs) -> None:
 def test_fixed_C_optimum_matches_sklearn_on_synthetic_features(n_classes):
     x, y = correlated(n_classes, 20, 12, seed=n_classes)
     assert_same_optimum(x, y, [0.1, 10.0])
+
+
+def test_fixed_C_optimum_matches_sklearn_where_matmuls_run_in_bfloat16_mode():
+    """At this width oneDNN's bfloat16 mode changes the solver's matmuls on a CPU that has it
+    (checked first, so the test says which path it covered); the optimum must not move."""
+    x, y = correlated(10, 60, 256, seed=1)
+    w, z = torch.from_numpy(x[:10]), torch.from_numpy(x.T.copy())
+    exact = w @ z
+    with cpu_matmul_precision(CPU):
+        fast = w @ z
+    if torch.equal(exact, fast):
+        pytest.skip("this CPU computes float32 matmuls the same in bfloat16 mode (no bf16 dot products)")
+    assert_same_optimum(x, y, [0.1, 10.0])
+
+
+def test_matmul_precision_is_restored_even_on_error():
+    before = torch.get_float32_matmul_precision()
+    with pytest.raises(RuntimeError), cpu_matmul_precision(CPU):
+        assert torch.get_float32_matmul_precision() == "medium"
+        raise RuntimeError("inside")
+    assert torch.get_float32_matmul_precision() == before
+    with cpu_matmul_precision(torch.device("meta")):
+        assert torch.get_float32_matmul_precision() == before  # only the CPU switches
 
 
 def test_fixed_C_optimum_matches_sklearn_on_tiny_model_features(tiny_model_dirs, tmp_path):
@@ -177,6 +200,42 @@ def test_unconverged_fits_are_flagged_per_fold_and_C():
         assert all(done or n == 3 for n, done in zip(fits["n_iter"], fits["converged"]))
     _, report, _, _ = fit_probe_and_control(x, y, settings("torch"), seed=0)
     assert report.converged and all(all(f["converged"]) for f in report.cv_fits.values())
+
+
+def largest_gradient_entry(weight, bias, xs, y, C) -> float:
+    """scikit-learn's stopping criterion in float64: the largest |entry| of the gradient of the
+    scaled objective in the standardised features' own basis (weights and biases)."""
+    z = xs @ weight.astype(np.float64).T + bias
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1
+    grad_w = p.T @ xs / len(y) + weight / (C * len(y))
+    return float(max(np.abs(grad_w).max(), np.abs(p.mean(0)).max()))
+
+
+@pytest.mark.parametrize("C", [0.1, 10.0])
+def test_the_solver_stops_where_sklearns_criterion_is_first_met(C):
+    """The solver works in a rotated basis but must stop on scikit-learn's rule: at its last
+    iteration the criterion holds, one iteration earlier it does not (recomputed here). At C = 10
+    stopping on the rotated gradient's largest entry ran 6 iterations past the rule (checked)."""
+    x, y = correlated(6, 60, 150, seed=4)
+    classes, encoded = np.unique(y, return_inverse=True)
+    xs = StandardScaler().fit_transform(x.astype(np.float64))
+    tol = 1e-4
+
+    def fit(max_iter):
+        _, path = fit_path(x, [Problem(np.arange(len(y)), encoded)], len(classes), [C], tol=tol,
+                           max_iter=max_iter, device=CPU)
+        return path[0]
+
+    done = fit(1000)
+    assert done.converged[0] and done.n_iter[0] > 1
+    assert largest_gradient_entry(done.weight[0], done.bias[0], xs, encoded, C) <= tol * 1.01
+    earlier = fit(int(done.n_iter[0]) - 1)
+    assert not earlier.converged[0]
+    assert largest_gradient_entry(earlier.weight[0], earlier.bias[0], xs, encoded, C) > tol
+    assert earlier.grad_max[0] == pytest.approx(
+        largest_gradient_entry(earlier.weight[0], earlier.bias[0], xs, encoded, C), rel=1e-3)
 
 
 def two_loop(pairs: list, g: np.ndarray, h0: np.ndarray) -> np.ndarray:
