@@ -13,8 +13,8 @@
 # Run from the repository root after `make setup` with a CUDA torch:  bash benchmarks/gpu_check.sh
 # or with another Python that has a CUDA torch and the pins of envs/requirements.txt it uses:
 #   PYTHONPATH=src PY=python3 bash benchmarks/gpu_check.sh
-# Runs: benchmarks/results/gpu_check-h200-2026-12-04.log (parts 1-3, 91 s on one H200) and
-# gpu_check-h200-2026-12-04-second.log (parts 1-4, 123 s).
+# Runs so far: two on one H200 on 2026-12-04 (parts 1-3 in 91 s, parts 1-4 in 123 s), figures in
+# README; their logs were lost to an ignore rule. Keep new logs under benchmarks/results/.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
